@@ -1,0 +1,170 @@
+"""Training-step cost of each positional encoding, as a ratio to NoPE in the same run.
+
+One step = forward, backward and AdamW on a small decoder (d_model 128, 2 layers, 4 heads,
+batch 32). Configurations are timed round-robin (every config once per round, several
+rounds, median kept) so machine noise hits them alike. Where x-transformers has the same
+encoding, it is timed too in its fastest setting (``attn_flash=True``), and the JSON gives
+poslab's time over x-transformers' for the same configuration.
+
+Usage::
+
+    python benchmarks/pe_overhead.py                      # T = 64, 256, 1024
+    python benchmarks/pe_overhead.py --lengths 1024 --rounds 3 --pe rope alibi t5
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from poslab import Transformer
+from poslab import pe as pe_lib
+
+VOCAB = 64
+# poslab encoding -> x-transformers Decoder keyword arguments for the same encoding
+XT_EQUIVALENT = {
+    "nope": {"use_abs_pos_emb": False},
+    "learned": {"use_abs_pos_emb": True},
+    "rope": {"use_abs_pos_emb": False, "rotary_pos_emb": True, "rotary_emb_dim": "head"},
+    "xpos": {"use_abs_pos_emb": False, "rotary_pos_emb": True, "rotary_xpos": True, "rotary_emb_dim": "head"},
+    "alibi": {"use_abs_pos_emb": False, "alibi_pos_bias": True},
+    "t5": {"use_abs_pos_emb": False, "rel_pos_bias": True},
+}
+# x-transformers refuses attn_flash with its T5 bias; those use its default attention.
+XT_NO_FLASH = {"t5"}
+
+
+def poslab_model(pe: str, length: int, args) -> torch.nn.Module:
+    return Transformer(
+        vocab_size=VOCAB,
+        d_model=args.d_model,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        pe=pe,
+        max_seq_len=max(length, 2048),
+    )
+
+
+def xt_model(pe: str, length: int, args) -> torch.nn.Module:
+    from x_transformers import Decoder, TransformerWrapper
+
+    kwargs = dict(XT_EQUIVALENT[pe])
+    use_abs = kwargs.pop("use_abs_pos_emb")
+    if kwargs.get("rotary_emb_dim") == "head":  # rotate the whole head, like poslab's default
+        kwargs["rotary_emb_dim"] = args.d_model // args.heads
+    return TransformerWrapper(
+        num_tokens=VOCAB,
+        max_seq_len=max(length, 2048),
+        use_abs_pos_emb=use_abs,
+        attn_layers=Decoder(
+            dim=args.d_model,
+            depth=args.layers,
+            heads=args.heads,
+            attn_dim_head=args.d_model // args.heads,
+            attn_flash=pe not in XT_NO_FLASH,
+            **kwargs,
+        ),
+    )
+
+
+def make_step(model: torch.nn.Module, length: int, batch: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (batch, length + 1), generator=gen)
+    inp, tgt = x[:, :-1], x[:, 1:]
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        logits = model(inp)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--pe", nargs="+", default=None, help="encodings (default: all)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5, help="timed steps per config (median kept)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-xt", action="store_true", help="skip x-transformers")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    encodings = args.pe or pe_lib.names()
+    if "nope" not in encodings:
+        encodings = ["nope", *encodings]
+    try:
+        import x_transformers  # noqa: F401
+
+        have_xt = not args.no_xt
+    except ImportError:
+        have_xt = False
+
+    results: dict = {
+        "benchmark": "pe_overhead",
+        "config": {
+            "d_model": args.d_model,
+            "layers": args.layers,
+            "heads": args.heads,
+            "batch": args.batch,
+            "rounds": args.rounds,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "x_transformers": have_xt,
+        },
+        "lengths": {},
+    }
+    for length in args.lengths:
+        steps = {}
+        for name in encodings:
+            torch.manual_seed(0)
+            steps[("poslab", name)] = make_step(poslab_model(name, length, args), length, args.batch)
+            if have_xt and name in XT_EQUIVALENT:
+                torch.manual_seed(0)
+                steps[("x_transformers", name)] = make_step(xt_model(name, length, args), length, args.batch)
+        times: dict = {key: [] for key in steps}
+        for step in steps.values():
+            for _ in range(args.warmup):
+                step()
+        for _ in range(args.rounds):
+            for key, step in steps.items():
+                times[key].append(step())
+        med = {key: statistics.median(v) for key, v in times.items()}
+        row = {}
+        for name in encodings:
+            entry = {
+                "step_s": round(med[("poslab", name)], 5),
+                "ratio_to_nope": round(med[("poslab", name)] / med[("poslab", "nope")], 3),
+            }
+            if ("x_transformers", name) in med:
+                xt = med[("x_transformers", name)]
+                entry["x_transformers_step_s"] = round(xt, 5)
+                entry["x_transformers_attn_flash"] = name not in XT_NO_FLASH
+                entry["x_transformers_ratio_to_own_nope"] = round(xt / med[("x_transformers", "nope")], 3)
+                entry["poslab_over_x_transformers"] = round(med[("poslab", name)] / xt, 3)
+            row[name] = entry
+        results["lengths"][str(length)] = row
+        print(f"# T={length} done", flush=True, file=__import__("sys").stderr)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Decoder (causal) and encoder (bidirectional) Transformer stacks that take any encoding.
+
+Pre-LN blocks; the model builds one positional encoding, computes its per-forward tables
+(cos/sin, a bias matrix) once and hands them to every layer. Incremental decoding keeps a
+:class:`KVCache` of rotated keys, values and key position ids.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from poslab import pe as pe_lib
+from poslab.attention import BACKENDS, attention
+from poslab.pe.base import AttentionBias, PositionalEncoding, Rotary, Site
+
+__all__ = ["TransformerConfig", "Transformer", "KVCache"]
+
+
+class TransformerConfig(BaseModel):
+    """Sizes and choices of a :class:`Transformer`; validated on construction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(gt=0, description="token vocabulary")
+    d_model: int = Field(128, gt=0, description="residual width")
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0, description="grouped-query heads; None = num_heads")
+    d_ff: int | None = Field(None, gt=0, description="MLP width; None = 4 * d_model")
+    causal: bool = Field(True, description="decoder (True) or encoder (False)")
+    pe: str = Field("rope", description="encoding name, see poslab.pe.names()")
+    pe_params: dict[str, Any] = Field(default_factory=dict, description="encoding parameters")
+    max_seq_len: int = Field(2048, gt=0, description="table size for encodings that have one")
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_embeddings: bool = True
+    attention_backend: str = Field("auto", description="one of " + ", ".join(BACKENDS))
+
+    @field_validator("pe")
+    @classmethod
+    def _known_pe(cls, name: str) -> str:
+        if name not in pe_lib.names():
+            raise ValueError(f"unknown encoding {name!r}; valid encodings: {', '.join(pe_lib.names())}")
+        return name
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention_backend {name!r}; valid: {', '.join(BACKENDS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _shapes(self) -> TransformerConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+def build_encoding(config: TransformerConfig) -> PositionalEncoding:
+    """Build ``config.pe``, passing the model dimensions its constructor accepts."""
+    dims = {
+        "d_model": config.d_model,
+        "num_heads": config.num_heads,
+        "head_dim": config.head_dim,
+        "causal": config.causal,
+        "max_len": config.max_seq_len,
+    }
+    accepted = pe_lib.parameters(config.pe)
+    params = {k: v for k, v in dims.items() if k in accepted}
+    params.update(config.pe_params)
+    return pe_lib.build(config.pe, **params)
+
+
+class KVCache:
+    """Keys (after rotation), values and key position ids of every layer, for decoding.
+
+    Keys are stored already rotated with their own ids, which is exact for every encoding
+    whose rotation depends only on a token's own id (RoPE, xPos with a fixed center).
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+        self.positions: Tensor | None = None  # (B or 1, Tk)
+        self.contiguous = True  # ids so far were 0..Tk-1 in every row
+
+    @property
+    def length(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[-1]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this step's ``(B, H_kv, T, D)`` keys/values; return all of them."""
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=-2)
+            v = torch.cat((self.values[layer], v), dim=-2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def _norm(config: TransformerConfig) -> nn.Module:
+    return nn.LayerNorm(config.d_model) if config.norm == "layernorm" else RMSNorm(config.d_model)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.num_kv_heads = config.num_kv_heads or config.num_heads
+        self.qkv = nn.Linear(config.d_model, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        rotary: Rotary | None,
+        bias: AttentionBias | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = qkv.transpose(1, 2)  # (B, H + 2 H_kv, T, D)
+        q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
+        if rotary is not None:
+            q, k = rotary.rotate_q(q), rotary.rotate_k(k)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H_kv, Tk, D)
+        if self.num_kv_heads != self.num_heads:
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = attention(q, k, v, causal=self.config.causal, bias=bias, backend=self.config.attention_backend)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d_model)
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        d_ff = config.d_ff or 4 * config.d_model
+        self.norm1, self.norm2 = _norm(config), _norm(config)
+        self.attn = SelfAttention(config)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, d_ff, bias=False), nn.GELU(), nn.Linear(d_ff, config.d_model, bias=False)
+        )
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary, bias, cache, layer):
+        x = x + self.drop(self.attn(self.norm1(x), rotary, bias, cache, layer))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """A pre-LN Transformer over token ids with any positional encoding.
+
+    Example::
+
+        model = Transformer(vocab_size=32, pe="alibi")          # or TransformerConfig(...)
+        logits = model(torch.randint(0, 32, (2, 16)))            # (2, 16, 32)
+
+    Args:
+        config: a :class:`TransformerConfig`, or its fields as keyword arguments.
+    """
+
+    def __init__(self, config: TransformerConfig | None = None, **fields: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = TransformerConfig(**fields)
+        elif fields:
+            config = config.model_copy(update=fields)
+            config = TransformerConfig(**config.model_dump())
+        self.config = config
+        self.pe = build_encoding(config)
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = _norm(config)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialization: N(0, 0.02^2), residual projections scaled by 1/sqrt(2 L)."""
+        for name, p in self.named_parameters():
+            if name.startswith("pe."):
+                continue
+            if p.dim() >= 2:
+                std = 0.02
+                if name.endswith("attn.out.weight") or name.endswith("mlp.2.weight"):
+                    std /= math.sqrt(2 * self.config.num_layers)
+                nn.init.normal_(p, std=std)
+        if hasattr(self.pe, "reset_parameters"):
+            self.pe.reset_parameters()
+
+    def new_cache(self) -> KVCache:
+        """An empty cache for :meth:`forward` (decoder only)."""
+        if not self.config.causal:
+            raise ValueError("a KV cache needs a causal (decoder) model; this one is an encoder")
+        return KVCache(self.config.num_layers)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Logits for every token.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            position_ids: ``(B, T)`` or ``(T,)`` ids, integer or float; default
+                ``past + arange(T)`` where ``past`` is the cache length.
+            cache: a :class:`KVCache` to read and extend (incremental decoding).
+
+        Returns:
+            ``(B, T, vocab_size)`` logits.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if cache is not None and not self.config.causal:
+            raise ValueError("a KV cache needs a causal (decoder) model; this one is an encoder")
+        past = cache.length if cache is not None else 0
+        contiguous = position_ids is None and (cache is None or cache.contiguous)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device)[None]  # (1, T)
+            max_position = past + t - 1
+        else:
+            position_ids = self._check_ids(position_ids, b, t)
+            max_position = None
+        if hasattr(self.pe, "check_length") and max_position is not None:
+            self.pe.check_length(max_position)  # fail before any work
+
+        sites = self.pe.sites
+        x = self.tok_emb(input_ids)  # (B, T, d)
+        if Site.INPUT in sites:
+            x = x * self.pe.token_scale() + self.pe.input_embedding(position_ids).to(x.dtype)
+        rotary = self.pe.rotary(position_ids, x.dtype) if Site.QK in sites else None
+        bias = None
+        if Site.LOGITS in sites:
+            pos_k = position_ids if cache is None else self._key_positions(cache, position_ids)
+            bias = self.pe.logits_bias(position_ids, pos_k, contiguous=contiguous, causal=self.config.causal)
+        if cache is not None:
+            cache.positions = self._key_positions(cache, position_ids)
+            cache.contiguous = contiguous
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rotary, bias, cache, layer)
+        return self.head(self.norm(x))
+
+    @staticmethod
+    def _key_positions(cache: KVCache, position_ids: Tensor) -> Tensor:
+        if cache.positions is None:
+            return position_ids
+        old, new = cache.positions, position_ids
+        if old.shape[0] != new.shape[0]:
+            batch = max(old.shape[0], new.shape[0])
+            old, new = old.expand(batch, -1), new.expand(batch, -1)
+        return torch.cat((old, new), dim=-1)
+
+    @staticmethod
+    def _check_ids(position_ids: Tensor, b: int, t: int) -> Tensor:
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if position_ids.dim() != 2 or position_ids.shape[-1] != t or position_ids.shape[0] not in (1, b):
+            raise ValueError(f"position_ids must be (B, T) = ({b}, {t}) or (T,), got shape {tuple(position_ids.shape)}")
+        return position_ids
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Greedy decoding (ties go to the lowest token id, as ``argmax`` does).
+
+        Args:
+            input_ids: ``(B, T)`` prompt.
+            max_new_tokens: tokens to add at most.
+            eos_token_id: stop a row after it emits this token (later tokens repeat it);
+                stop early when every row has.
+            use_cache: decode incrementally with a :class:`KVCache` (else re-run the prefix).
+
+        Returns:
+            ``(B, T + n)`` prompt and generated tokens, ``n <= max_new_tokens``.
+        """
+        if not self.config.causal:
+            raise ValueError("generate needs a causal (decoder) model")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        tokens = input_ids
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        cache = self.new_cache() if use_cache else None
+        step_input = input_ids
+        for _ in range(max_new_tokens):
+            logits = self(step_input, cache=cache) if use_cache else self(tokens)
+            nxt = logits[:, -1].argmax(-1)  # (B,)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            tokens = torch.cat((tokens, nxt[:, None]), dim=1)
+            step_input = nxt[:, None]
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return tokens
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,32 @@
+"""Positional encodings: the registry and every encoding family.
+
+``poslab.pe.build(name, **params)`` makes an encoding; ``poslab.pe.names()`` lists them.
+"""
+
+from poslab.pe import absolute, bias, functional, rotary  # noqa: F401  (registers encodings)
+from poslab.pe.base import (
+    AttentionBias,
+    PositionalEncoding,
+    Rotary,
+    Site,
+    UnknownEncodingError,
+    build,
+    get,
+    names,
+    parameters,
+    register,
+)
+
+__all__ = [
+    "AttentionBias",
+    "PositionalEncoding",
+    "Rotary",
+    "Site",
+    "UnknownEncodingError",
+    "build",
+    "get",
+    "names",
+    "parameters",
+    "register",
+    "functional",
+]

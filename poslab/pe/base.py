@@ -1,0 +1,240 @@
+"""The positional-encoding contract and the registry.
+
+Position touches attention at four sites (see DESIGN.md): the ids each token gets
+(:mod:`poslab.positions`), a vector added to the input, a transform of queries and keys,
+and an additive bias on the logits. An encoding is a module that declares which of the last
+three sites it uses and implements only those hooks; the model and :func:`poslab.attention`
+compose them. One encoding instance is shared by all layers of a model, so per-forward work
+(cos/sin tables, a bias matrix) is done once and reused by every layer.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Site",
+    "PositionalEncoding",
+    "Rotary",
+    "AttentionBias",
+    "register",
+    "build",
+    "names",
+    "get",
+    "UnknownEncodingError",
+]
+
+
+class Site(str, enum.Enum):
+    """Where an encoding acts on attention."""
+
+    INPUT = "input"  # vector added to the token embedding
+    QK = "qk"  # position-dependent transform of queries and keys
+    LOGITS = "logits"  # additive bias b(i, j) on the attention logits
+
+
+@dataclass
+class Rotary:
+    """Per-forward rotation tables for queries and keys, shared by all layers.
+
+    ``cos_*``/``sin_*`` are ``(B or 1, 1, T, R)`` with any per-pair scale (xPos) folded in;
+    queries and keys may differ (xPos) or be the same tensors (RoPE).
+    """
+
+    cos_q: Tensor
+    sin_q: Tensor
+    cos_k: Tensor
+    sin_k: Tensor
+    layout: str
+
+    def rotate_q(self, q: Tensor) -> Tensor:
+        from poslab.pe.functional import apply_rope
+
+        return apply_rope(q, self.cos_q, self.sin_q, self.layout)
+
+    def rotate_k(self, k: Tensor) -> Tensor:
+        from poslab.pe.functional import apply_rope
+
+        return apply_rope(k, self.cos_k, self.sin_k, self.layout)
+
+
+@dataclass
+class AttentionBias:
+    """A logits bias for one forward pass, shared by all layers.
+
+    Attributes:
+        dense: ``(B or 1, H, Tq, Tk)`` float32 bias, added after the ``1/sqrt(D)`` scale.
+            May carry autograd history (learned biases).
+        relative_values: for a relative bias on contiguous ids that saturates (is constant
+            for every distance ``i - j >= band``), the values ``f[h, d]`` for
+            ``d = 0 .. band`` (``(H, band + 1)``, with gradient). Causal attention then
+            needs the gradient only inside the band, which the fast path exploits.
+        band: see ``relative_values``.
+    """
+
+    dense: Tensor
+    relative_values: Tensor | None = None
+    band: int | None = None
+
+    @property
+    def requires_grad(self) -> bool:
+        if self.relative_values is not None:
+            return self.relative_values.requires_grad
+        return self.dense.requires_grad
+
+
+class PositionalEncoding(nn.Module):
+    """Base class of every encoding.
+
+    Subclasses set ``sites`` and implement the hooks of those sites:
+
+    - ``Site.INPUT``: :meth:`input_embedding` ``(B, T) ids -> (B, T, d_model)``;
+    - ``Site.QK``: :meth:`rotary` ``ids -> Rotary`` (tables applied to q and k);
+    - ``Site.LOGITS``: :meth:`relative_bias` ``delta -> (..., H)`` for a bias that is a
+      function of ``delta = pos_q - pos_k`` only, or override :meth:`logits_bias`.
+
+    Class attributes:
+        name: registry name.
+        paper: "Title, First author, year, arXiv id".
+        relative: logits are invariant to shifting all ids by a constant.
+        integer_positions: the encoding looks up a table and needs integer ids.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    sites: ClassVar[frozenset[Site]] = frozenset()
+    relative: ClassVar[bool] = False
+    integer_positions: ClassVar[bool] = False
+
+    # ----------------------------------------------------------------- input site
+    def input_embedding(self, positions: Tensor) -> Tensor:
+        """``(B, T)`` ids -> ``(B, T, d_model)`` added to token embeddings."""
+        raise NotImplementedError(f"{self.name} does not act at the input site")
+
+    def token_scale(self) -> float:
+        """Multiplier for token embeddings before the input vector is added."""
+        return 1.0
+
+    # ----------------------------------------------------------------- query/key site
+    def rotary(self, positions: Tensor, dtype: torch.dtype) -> Rotary:
+        """Tables to transform q and k at ``positions`` ``(B, T)``."""
+        raise NotImplementedError(f"{self.name} does not act at the query/key site")
+
+    # ----------------------------------------------------------------- logits site
+    def relative_bias(self, delta: Tensor) -> Tensor:
+        """Bias as a function of ``delta = pos_q - pos_k`` ``(...)`` -> ``(..., H)`` float32."""
+        raise NotImplementedError(f"{self.name} does not act at the logits site")
+
+    def saturation_distance(self) -> int | None:
+        """Smallest ``W`` with ``relative_bias(d) == relative_bias(W)`` for all ``d >= W``."""
+        return None
+
+    def logits_bias(
+        self, pos_q: Tensor, pos_k: Tensor, contiguous: bool = False, causal: bool = False
+    ) -> AttentionBias:
+        """The bias for queries at ``pos_q`` ``(B, Tq)`` and keys at ``pos_k`` ``(B, Tk)``.
+
+        With ``contiguous=True`` the caller promises ``pos_q = pos_k[:, -Tq:]`` and
+        ``pos_k = start + arange(Tk)`` in every row, so the bias is a Toeplitz matrix built
+        from the ``Tq + Tk - 1`` distinct distances (a strided view, not a gather).
+        """
+        tq, tk = pos_q.shape[-1], pos_k.shape[-1]
+        if contiguous:
+            # query row i sits at key index tk - tq + i, so delta(i, j) = tk - tq + i - j takes
+            # tq + tk - 1 distinct values; evaluate f once on them.
+            deltas = torch.arange(tk - 1, -tq, -1, device=pos_q.device)  # w[m] = f(tk - 1 - m)
+            values = self.relative_bias(deltas).t().contiguous()  # (H, tq + tk - 1)
+            dense = toeplitz_from_values(values, tq, tk)[None]  # (1, H, tq, tk)
+            band = self.saturation_distance() if causal else None
+            rel = None
+            if band is not None:
+                rel = self.relative_bias(torch.arange(0, band + 1, device=pos_q.device)).t()
+            return AttentionBias(dense=dense, relative_values=rel, band=band)
+        delta = pos_q[:, :, None] - pos_k[:, None, :]  # (B, Tq, Tk)
+        return AttentionBias(dense=self.relative_bias(delta).permute(0, 3, 1, 2))
+
+    # ----------------------------------------------------------------- bookkeeping
+    def extra_repr(self) -> str:
+        return f"sites={sorted(s.value for s in self.sites)}"
+
+
+def toeplitz_from_values(values: Tensor, tq: int, tk: int) -> Tensor:
+    """``(H, tq + tk - 1)`` values ``w[m] = f(tk - 1 - m)`` -> ``(H, tq, tk)`` bias
+    ``f(tk - tq + i - j)``.
+
+    Strides cannot be negative, so the Toeplitz matrix is read as a Hankel view
+    (``w[i' + j]``, rows reversed) and flipped once: one copy, no gather.
+    """
+    h = values.shape[0]
+    hankel = values.as_strided((h, tq, tk), (values.stride(0), values.stride(1), values.stride(1)))
+    return hankel.flip(1)
+
+
+# --------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[PositionalEncoding]] = {}
+
+
+class UnknownEncodingError(ValueError):
+    """An encoding name or parameter that does not exist."""
+
+
+def register(name: str) -> Callable[[type[PositionalEncoding]], type[PositionalEncoding]]:
+    """Class decorator: make an encoding available as ``build(name, ...)``."""
+
+    def deco(cls: type[PositionalEncoding]) -> type[PositionalEncoding]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"encoding {name!r} is already registered by {_REGISTRY[name]}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def names() -> list[str]:
+    """Registered encoding names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[PositionalEncoding]:
+    """The class registered as ``name``; the error lists the valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownEncodingError(f"unknown encoding {name!r}; valid encodings: {', '.join(names())}") from None
+
+
+def parameters(name: str) -> dict[str, inspect.Parameter]:
+    """Constructor parameters of encoding ``name`` (model dimensions included)."""
+    sig = inspect.signature(get(name).__init__)
+    return {k: p for k, p in sig.parameters.items() if k != "self" and p.kind == p.KEYWORD_ONLY}
+
+
+def build(name: str, **params) -> PositionalEncoding:
+    """Build encoding ``name`` with keyword ``params``.
+
+    Model dimensions (``d_model``, ``num_heads``, ``head_dim``) are ordinary parameters of
+    the encodings that need them; :class:`poslab.model.Transformer` passes them in.
+
+    Raises:
+        UnknownEncodingError: unknown name (lists valid names), unknown parameter (lists
+            valid parameters) or a missing required parameter.
+    """
+    valid = parameters(name)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise UnknownEncodingError(
+            f"unknown parameter(s) {', '.join(unknown)} for encoding {name!r}; "
+            f"valid parameters: {', '.join(valid) or '(none)'}"
+        )
+    missing = [k for k, p in valid.items() if p.default is inspect.Parameter.empty and k not in params]
+    if missing:
+        raise UnknownEncodingError(f"encoding {name!r} needs parameter(s): {', '.join(missing)}")
+    return get(name)(**params)

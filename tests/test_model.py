@@ -1,0 +1,156 @@
+"""The Transformer: KV cache parity, causality, generation and config validation."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from poslab import Transformer, TransformerConfig, pe
+
+ALL = pe.names()
+
+
+def _model(name, **kw):
+    torch.manual_seed(2)
+    kw.setdefault("max_seq_len", 128)
+    return Transformer(vocab_size=50, d_model=32, num_layers=2, num_heads=4, pe=name, **kw).eval()
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("chunks", [(40,), (1,) * 40, (13, 1, 1, 25), (7, 11, 22)])
+def test_kv_cache_reproduces_full_forward(name, chunks):
+    model = _model(name)
+    x = torch.randint(0, 50, (3, sum(chunks)))
+    with torch.no_grad():
+        full = model(x)
+        cache, parts, start = model.new_cache(), [], 0
+        for n in chunks:
+            parts.append(model(x[:, start : start + n], cache=cache))
+            start += n
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_kv_cache_with_explicit_ids(name):
+    model = _model(name)
+    x = torch.randint(0, 50, (2, 20))
+    ids = torch.arange(20)[None] * 2 + 3  # non-contiguous: the Toeplitz shortcut must not be used
+    with torch.no_grad():
+        full = model(x, position_ids=ids)
+        cache = model.new_cache()
+        first = model(x[:, :12], position_ids=ids[:, :12], cache=cache)
+        rest = [model(x[:, i : i + 1], position_ids=ids[:, i : i + 1], cache=cache) for i in range(12, 20)]
+    torch.testing.assert_close(torch.cat([first, *rest], 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_decoder_output_at_t_ignores_later_tokens(name):
+    model = _model(name)
+    x = torch.randint(0, 50, (2, 30))
+    y = x.clone()
+    y[:, 17:] = torch.randint(0, 50, (2, 13))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :17], b[:, :17], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(a[:, 17:], b[:, 17:])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_encoder_is_bidirectional(name):
+    model = _model(name, causal=False)
+    x = torch.randint(0, 50, (1, 16))
+    y = x.clone()
+    y[:, -1] = (x[:, -1] + 1) % 50
+    with torch.no_grad():
+        assert not torch.allclose(model(x)[:, 0], model(y)[:, 0])
+    with pytest.raises(ValueError, match="causal"):
+        model.new_cache()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_generate_with_cache_equals_without(name):
+    model = _model(name)
+    prompt = torch.randint(0, 50, (2, 6))
+    a = model.generate(prompt, max_new_tokens=12)
+    b = model.generate(prompt, max_new_tokens=12, use_cache=False)
+    assert a.shape == (2, 18) and torch.equal(a, b)
+    assert torch.equal(a[:, :6], prompt)
+
+
+def test_generate_stops_at_eos():
+    model = _model("rope")
+    prompt = torch.randint(0, 50, (1, 5))
+    free = model.generate(prompt, max_new_tokens=8)
+    eos = int(free[0, 6])  # the second generated token
+    out = model.generate(prompt, max_new_tokens=8, eos_token_id=eos)
+    assert out.shape[1] <= 7 and int(out[0, -1]) == eos
+
+
+def test_teacher_forced_argmax_equals_greedy_generation():
+    """Exact match from one teacher-forced pass equals greedy decoding (methods.md 9.1)."""
+    model = _model("alibi")
+    prompt = torch.randint(0, 50, (4, 5))
+    gen = model.generate(prompt, max_new_tokens=10)
+    with torch.no_grad():
+        tf = model(gen[:, :-1]).argmax(-1)[:, 4:]
+    assert torch.equal(tf, gen[:, 5:])
+
+
+def test_grouped_query_attention_runs_and_caches():
+    model = _model("rope", num_kv_heads=2)
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache()
+        inc = torch.cat([model(x[:, :4], cache=cache)] + [model(x[:, i : i + 1], cache=cache) for i in range(4, 10)], 1)
+    assert cache.keys[0].shape[1] == 2
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+@pytest.mark.parametrize("name", ["t5", "alibi", "rope"])
+def test_backends_give_the_same_model(name, backend):
+    torch.manual_seed(0)
+    a = _model(name)
+    b = _model(name, attention_backend=backend)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 50, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_reduces_loss():
+    model = _model("t5").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 50, (8, 17))
+    losses = []
+    for _ in range(30):
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    before = model.pe.table.weight.detach().clone()
+    model(x[:, :-1]).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model.pe.table.weight)
+
+
+def test_config_errors_name_the_field_and_choices():
+    with pytest.raises(ValidationError, match="unknown encoding 'rotary'.*alibi.*rope"):
+        TransformerConfig(vocab_size=10, pe="rotary")
+    with pytest.raises(ValidationError, match="d_model=100 is not divisible by num_heads=3"):
+        TransformerConfig(vocab_size=10, d_model=100, num_heads=3)
+    with pytest.raises(ValidationError, match="vocab_size"):
+        TransformerConfig(vocab_size=0)
+    with pytest.raises(ValidationError, match="unknown attention_backend"):
+        TransformerConfig(vocab_size=10, attention_backend="cuda")
+    with pytest.raises(pe.UnknownEncodingError, match="valid parameters"):
+        Transformer(vocab_size=10, pe="alibi", pe_params={"slope": 1})
+
+
+def test_position_ids_shape_is_checked():
+    model = _model("rope")
+    with pytest.raises(ValueError, match=r"position_ids must be \(B, T\) = \(2, 5\)"):
+        model(torch.zeros(2, 5, dtype=torch.long), position_ids=torch.arange(4))
