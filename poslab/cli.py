@@ -1,13 +1,18 @@
-"""The ``poslab`` command line."""
+"""The ``poslab`` command line: list, tasks, run, sweep, report, demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from poslab import pe as pe_lib
 
 __all__ = ["main"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -24,18 +29,213 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from poslab import tasks
+
+    for name in tasks.task_names():
+        t = tasks.get_task(name)
+        print(f"{name:<12} {t.suite:<11} length = {t.unit:<8} {t.description}")
+    print("aliases: copy = copy_rsc, reverse = rev_mc")
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
+    from poslab.config import load_toml
+
+    fields: dict[str, Any] = load_toml(args.config) if args.config else {}
+    flags = {
+        "task": args.task,
+        "pe": args.pe,
+        "train_length": args.train_length,
+        "test_length": args.test_length,
+        "steps": args.steps,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "d_model": args.d_model,
+        "num_layers": args.num_layers,
+        "num_heads": args.num_heads,
+    }
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    for item in args.pe_param or []:
+        if "=" not in item:
+            raise SystemExit(f"--pe-param takes NAME=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        fields.setdefault("pe_params", {})[key] = _parse_value(value)
+    return fields
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from poslab.config import RunConfig
+    from poslab.runner import execute
+    from poslab.store import ResultStore
+
+    config = RunConfig.create(**_run_fields(args))  # fails here, before any work
+    store = ResultStore(args.db)
+    run_id = config.run_id()
+    existing = store.records(run_ids=[run_id])
+    if existing and not args.force:
+        record = existing[0]
+        print(f"run {run_id} is already in {args.db}; showing the stored record (--force reruns)", file=sys.stderr)
+    else:
+        run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_dir) / run_id
+        store.mark_running(run_id, config.canonical())
+        try:
+            record = execute(config, run_dir=run_dir, progress=not args.no_progress)
+        except BaseException as exc:
+            store.fail(run_id, config.canonical(), f"{type(exc).__name__}: {exc}")
+            raise
+        store.finish(run_id, config.canonical(), record)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        from poslab.report import aggregate, markdown_table
+
+        print(markdown_table(aggregate([record])))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from poslab.report import aggregate, markdown_table, write_report
+    from poslab.store import ResultStore
+    from poslab.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(args.file)  # validates every run before any work
+    store = ResultStore(args.db)
+    summary = run_sweep(
+        spec,
+        store,
+        runs_dir=args.runs_dir,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+        progress=not args.no_progress,
+    )
+    print(
+        f"sweep {spec.name}: {summary['total']} runs, {summary['skipped']} already done, "
+        f"{summary['finished']} finished now, {summary['failed']} failed",
+        file=sys.stderr,
+    )
+    for run_id, err in summary["errors"].items():
+        print(f"  failed {run_id}: {err}", file=sys.stderr)
+    records = store.records(run_ids=summary["run_ids"])
+    if records:
+        print(markdown_table(aggregate(records)))
+        if args.report:
+            paths = write_report(records, args.report, title=f"poslab sweep: {spec.name}")
+            print(f"report: {paths['html']}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from poslab.report import aggregate, markdown_table, write_report
+    from poslab.store import ResultStore
+
+    if not Path(args.db).exists():
+        raise SystemExit(f"no results database at {args.db}; run `poslab run` or `poslab sweep` first")
+    store = ResultStore(args.db)
+    records = store.records(sweep=args.sweep)
+    if not records:
+        raise SystemExit(f"no finished runs in {args.db}" + (f" for sweep {args.sweep!r}" if args.sweep else ""))
+    paths = write_report(records, args.out, title=args.title)
+    print(markdown_table(aggregate(records)))
+    print(f"\nwrote {paths['markdown']}, {paths['html']} and {len(paths) - 2} plot(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The quickstart study: six encodings on copy and reverse, two seeds, table + report."""
+    spec_path = Path(args.file) if args.file else ROOT / "examples" / "quickstart.toml"
+    ns = argparse.Namespace(
+        file=str(spec_path),
+        db=args.db,
+        runs_dir=args.runs_dir,
+        executor="local",
+        workers=args.workers,
+        address=None,
+        no_progress=args.no_progress,
+        report=args.out,
+    )
+    return cmd_sweep(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poslab", description="Position in Transformers: encodings and a lab.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_list = sub.add_parser("list", help="list every positional encoding with its paper")
-    p_list.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("list", help="list every positional encoding with its paper")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("tasks", help="list the tasks")
+    p.set_defaults(func=cmd_tasks)
+
+    def storage(p):
+        p.add_argument("--db", default="runs/poslab.sqlite", help="results database (SQLite)")
+        p.add_argument("--runs-dir", default="runs", help="run directories live under it")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("run", help="train on short inputs, evaluate per length")
+    p.add_argument("--config", help="TOML file with run fields (flags override it)")
+    p.add_argument("--task")
+    p.add_argument("--pe", help="encoding name (poslab list)")
+    p.add_argument("--pe-param", action="append", metavar="NAME=VALUE", help="encoding parameter, repeatable")
+    p.add_argument("--train-length", help="LO:HI, inclusive")
+    p.add_argument("--test-length", help="LO:HI, inclusive")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--num-layers", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--json", action="store_true", help="print the run record as JSON")
+    p.add_argument("--run-dir", help="run directory (default RUNS_DIR/<run id>)")
+    p.add_argument("--force", action="store_true", help="rerun even if the database has this run")
+    storage(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run a grid of runs from a TOML file")
+    p.add_argument("file")
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--address", help="Ray cluster address (with --executor ray)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: CPU cores)")
+    p.add_argument("--report", help="also write a report to this directory")
+    storage(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="table, plots and an HTML page from the results database")
+    p.add_argument("--db", default="runs/poslab.sqlite")
+    p.add_argument("--sweep", help="only this sweep's runs")
+    p.add_argument("--out", default="runs/report")
+    p.add_argument("--title", default="poslab report")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the quickstart study (make demo)")
+    p.add_argument("--file", help="sweep file (default examples/quickstart.toml)")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--out", default="runs/quickstart", help="report directory")
+    storage(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from poslab.config import ConfigError
+    from poslab.runner import RunDirConflict
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, RunDirConflict) as err:
+        print(f"poslab {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

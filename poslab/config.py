@@ -1,0 +1,136 @@
+"""The configuration of one lab run: task, encoding, lengths, model and training.
+
+A run is identified by the hash of its canonical config (aliases resolved, defaults filled,
+keys sorted), so the same experiment is never computed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from poslab import pe as pe_lib
+from poslab import tasks
+
+__all__ = ["RunConfig", "parse_length_range", "load_toml", "ConfigError", "format_validation_error"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field, the value and what is allowed."""
+
+
+def parse_length_range(text: str | list | tuple) -> tuple[int, int]:
+    """``"1:20"`` (or ``[1, 20]``) -> ``(1, 20)``, inclusive."""
+    if isinstance(text, (list, tuple)):
+        if len(text) != 2:
+            raise ValueError(f"a length range has two ends, got {list(text)}")
+        return int(text[0]), int(text[1])
+    parts = str(text).split(":")
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"a length range is written LO:HI, e.g. 1:20; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+class RunConfig(BaseModel):
+    """One training + evaluation run. Defaults are the tiny CPU configuration of tasks.md 1.7."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str = Field("copy", description="task name, see `poslab tasks`")
+    pe: str = Field("rope", description="encoding name, see `poslab list`")
+    pe_params: dict[str, Any] = Field(default_factory=dict)
+    train_length: tuple[int, int] = Field((1, 20), description="inclusive range of training lengths")
+    test_length: tuple[int, int] = Field((1, 40), description="inclusive range of evaluated lengths")
+    steps: int = Field(2000, gt=0)
+    seed: int = Field(0, ge=0, description="model and batch-order seed")
+    data_seed: int = Field(0, ge=0, description="seed of the generated splits")
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup: float = Field(0.06, ge=0, lt=1, description="fraction of steps with linear warm-up")
+    grad_clip: float = Field(1.0, gt=0)
+    d_model: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    d_ff: int | None = Field(None, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    train_examples: int = Field(20000, gt=0, description="size of the generated training set")
+    test_per_length: int = Field(50, gt=0, description="test examples per evaluated length")
+    eval_batch_size: int = Field(256, gt=0)
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, name: str) -> str:
+        return tasks.canonical_task(name)
+
+    @field_validator("pe")
+    @classmethod
+    def _pe(cls, name: str) -> str:
+        if name not in pe_lib.names():
+            raise ValueError(f"unknown encoding {name!r}; valid encodings: {', '.join(pe_lib.names())}")
+        return name
+
+    @field_validator("train_length", "test_length", mode="before")
+    @classmethod
+    def _range(cls, value):
+        return parse_length_range(value)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> RunConfig:
+        task = tasks.get_task(self.task)
+        for field in ("train_length", "test_length"):
+            lo, hi = getattr(self, field)
+            if lo > hi:
+                raise ValueError(f"{field}={lo}:{hi} is inverted; write LO:HI with LO <= HI")
+            if lo < task.min_length:
+                raise ValueError(f"{field}={lo}:{hi} starts below {task.min_length}, the shortest {self.task} example")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        unknown = set(self.pe_params) - set(pe_lib.parameters(self.pe))
+        if unknown:
+            raise ValueError(
+                f"pe_params {sorted(unknown)} are not parameters of {self.pe!r}; "
+                f"valid: {', '.join(pe_lib.parameters(self.pe))}"
+            )
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        """Plain, sorted dict of every field (aliases resolved): what the run id hashes."""
+        data = self.model_dump(mode="json")
+        return json.loads(json.dumps(data, sort_keys=True))
+
+    def run_id(self) -> str:
+        """16 hex digits of SHA-256 over the canonical config."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    def create(cls, **fields: Any) -> RunConfig:
+        """Validate ``fields``; raise :class:`ConfigError` with a readable message."""
+        try:
+            return cls(**fields)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``field: message (got value)``."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{where}: {msg}{shown}")
+    return "invalid run config:\n  " + "\n  ".join(lines)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file into a dict (no validation)."""
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)

@@ -1,0 +1,72 @@
+"""Examples -> padded token tensors with a target mask (decoder format of tasks.md 1.1).
+
+A sequence is ``<bos> prompt target <eos>``; the loss covers the target and ``<eos>``. Rows
+are right-padded, which a causal model never sees from earlier positions, so position ids
+stay ``0 .. T-1`` from the left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from poslab.tasks.base import Example
+from poslab.tasks.vocab import BOS, EOS, PAD, Vocabulary
+
+__all__ = ["EncodedSet", "encode_examples", "IGNORE"]
+
+IGNORE = -100
+
+
+@dataclass
+class EncodedSet:
+    """A split as tensors.
+
+    Attributes:
+        tokens: ``(N, L)`` ids, right-padded with ``<pad>``.
+        seq_len: ``(N,)`` tokens per row before padding.
+        target_start: ``(N,)`` index of the first target token in ``tokens``.
+        length: ``(N,)`` the task's length unit of each example.
+    """
+
+    tokens: Tensor
+    seq_len: Tensor
+    target_start: Tensor
+    length: Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """``(inputs, labels)``, both ``(b, T)``, cropped to the longest row of the batch.
+
+        ``labels[i, t]`` is the token after position ``t`` where it is a target (or
+        ``<eos>``) token, else ``IGNORE``.
+        """
+        width = int(self.seq_len[index].max())
+        seq = self.tokens[index, :width]  # (b, width)
+        inputs, nxt = seq[:, :-1], seq[:, 1:]
+        pos = torch.arange(1, width, device=seq.device)[None]  # position of the predicted token
+        keep = (pos >= self.target_start[index, None]) & (pos < self.seq_len[index, None])
+        return inputs, torch.where(keep, nxt, torch.full_like(nxt, IGNORE))
+
+
+def encode_examples(examples: list[Example], vocab: Vocabulary) -> EncodedSet:
+    """Tokenize and pad a list of examples."""
+    rows, starts = [], []
+    for ex in examples:
+        prompt, target = vocab.encode(ex.prompt), vocab.encode(ex.target)
+        rows.append([BOS, *prompt, *target, EOS])
+        starts.append(1 + len(prompt))
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+    return EncodedSet(
+        tokens=tokens,
+        seq_len=torch.tensor([len(r) for r in rows]),
+        target_start=torch.tensor(starts),
+        length=torch.tensor([ex.length for ex in examples]),
+    )

@@ -1,0 +1,166 @@
+"""Reports from the results database: a Markdown table, PNG curves and one HTML page.
+
+For every (task, encoding): exact match in distribution and out of distribution, and at 2x
+the training length, as mean +- standard deviation over seeds with the per-seed values. For
+every task: exact match against length, one line per encoding (mean over seeds, the band is
+min..max over seeds), the training range shaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["aggregate", "markdown_table", "plot_task", "write_report"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, pe, train/test lengths, other settings) with statistics over seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in records:
+        cfg = dict(rec["config"])
+        seed = cfg.pop("seed")
+        key = (cfg["task"], cfg["pe"], repr(sorted(cfg.items())))
+        rec = {**rec, "_seed": seed}
+        groups[key].append(rec)
+    rows = []
+    for (task, pe, _), recs in sorted(groups.items()):
+        recs.sort(key=lambda r: r["_seed"])
+
+        def metric(name, recs=recs):
+            vals = [r[name]["exact_match"] for r in recs if r.get(name)]
+            return vals
+
+        ind, ood = metric("in_distribution"), metric("out_of_distribution")
+        at2x = [r["acc_at_2x"] for r in recs if r.get("acc_at_2x") is not None]
+        lengths = sorted({int(k) for r in recs for k in r["per_length"]})
+        curve = {
+            ell: [r["per_length"][str(ell)]["exact_match"] for r in recs if str(ell) in r["per_length"]]
+            for ell in lengths
+        }
+        rows.append(
+            {
+                "task": task,
+                "pe": pe,
+                "seeds": [r["_seed"] for r in recs],
+                "train_length": recs[0]["config"]["train_length"],
+                "test_length": recs[0]["config"]["test_length"],
+                "steps": recs[0]["config"]["steps"],
+                "id_em": _mean_std(ind),
+                "ood_em": _mean_std(ood),
+                "at2x_em": _mean_std(at2x),
+                "id_tok": _mean_std([r["in_distribution"]["token_accuracy"] for r in recs if r.get("in_distribution")]),
+                "ood_tok": _mean_std(
+                    [r["out_of_distribution"]["token_accuracy"] for r in recs if r.get("out_of_distribution")]
+                ),
+                "ood_per_seed": ood,
+                "curve": curve,
+            }
+        )
+    return rows
+
+
+def _fmt(ms: tuple[float, float]) -> str:
+    mean, std = ms
+    return "-" if mean != mean else f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Exact match (mean ± std over seeds) per task and encoding."""
+    head = (
+        "| task | encoding | seeds | train | test | EM in-dist | EM out-of-dist | EM at 2x | "
+        "token acc out-of-dist | OOD EM per seed |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lo, hi = r["train_length"]
+        tlo, thi = r["test_length"]
+        per_seed = ", ".join(f"{v:.3f}" for v in r["ood_per_seed"])
+        lines.append(
+            f"| {r['task']} | {r['pe']} | {len(r['seeds'])} | {lo}-{hi} | {tlo}-{thi} | {_fmt(r['id_em'])} | "
+            f"{_fmt(r['ood_em'])} | {_fmt(r['at2x_em'])} | {_fmt(r['ood_tok'])} | {per_seed} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_task(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path:
+    """Exact match against length for one task, one line per encoding; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["task"] == task]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    lo, hi = rows[0]["train_length"]
+    ax.axvspan(lo - 0.5, hi + 0.5, color="0.92", zorder=0, label=f"training lengths {lo}-{hi}")
+    for r in rows:
+        xs = sorted(r["curve"])
+        means = [statistics.fmean(r["curve"][x]) for x in xs]
+        ax.plot(xs, means, marker="o", markersize=3, linewidth=1.6, label=f"{r['pe']} (n={len(r['seeds'])})")
+        if len(r["seeds"]) > 1:
+            ax.fill_between(xs, [min(r["curve"][x]) for x in xs], [max(r["curve"][x]) for x in xs], alpha=0.15)
+    ax.set_xlabel("length (task units)")
+    ax.set_ylabel("exact match")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"{task}: exact match by length (line: mean over seeds; band: min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str = "poslab report") -> dict[str, Path]:
+    """Write ``report.md``, one ``<task>.png`` per task and a self-contained ``report.html``."""
+    if not records:
+        raise ValueError("no finished runs to report; run `poslab run` or `poslab sweep` first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(records)
+    table = markdown_table(rows)
+    tasks = sorted({r["task"] for r in rows})
+    pngs = {t: plot_task(rows, t, out / f"{t}.png") for t in tasks}
+    md = [
+        f"# {title}",
+        "",
+        "Exact match (mean ± std over seeds); out-of-distribution = lengths beyond training, "
+        "each length weighted once.",
+        "",
+        table,
+        "",
+    ]
+    md += [f"![{t}]({p.name})" for t, p in pngs.items()]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    html_rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
+        for line in table.splitlines()[2:]
+    )
+    header = "".join(f"<th>{html.escape(c.strip())}</th>" for c in table.splitlines()[0].strip("|").split("|"))
+    imgs = "".join(
+        f'<h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}">'
+        for t, p in pngs.items()
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}img{max-width:100%}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>Exact match, mean ± std over seeds.</p>"
+        f"<table><tr>{header}</tr>{html_rows}</table>{imgs}</body></html>"
+    )
+    (out / "report.html").write_text(page)
+    return {"markdown": out / "report.md", "html": out / "report.html", **{f"png:{t}": p for t, p in pngs.items()}}

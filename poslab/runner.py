@@ -1,0 +1,95 @@
+"""One lab run end to end: generate data, train, evaluate per length, write the record."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import poslab
+from poslab.config import RunConfig
+from poslab.evaluate import evaluate_per_length, summarize
+from poslab.train import make_splits, train
+
+__all__ = ["execute", "RunDirConflict"]
+
+
+class RunDirConflict(RuntimeError):
+    """A run directory already holds a different config."""
+
+
+def claim_run_dir(run_dir: Path, config: RunConfig) -> None:
+    """Create ``run_dir`` with ``config.json``; refuse one that holds another config."""
+    cfg_path = run_dir / "config.json"
+    canonical = config.canonical()
+    if cfg_path.exists():
+        existing = json.loads(cfg_path.read_text())
+        if existing != canonical:
+            diff = sorted(k for k in set(existing) | set(canonical) if existing.get(k) != canonical.get(k))
+            raise RunDirConflict(
+                f"run directory {run_dir} already holds a different config (fields differ: {', '.join(diff)}); "
+                f"choose another directory"
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cfg_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(canonical, indent=2, sort_keys=True))
+    tmp.replace(cfg_path)
+
+
+def execute(
+    config: RunConfig,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+    checkpoint_every: int = 500,
+) -> dict[str, Any]:
+    """Train and evaluate ``config``; return the run record (also written to ``run_dir``).
+
+    The record holds ``run_id``, ``config``, ``per_length`` (``{"<length>": {"n",
+    "exact_match", "token_accuracy", "loss"}}``), ``in_distribution``,
+    ``out_of_distribution``, ``acc_at_2x`` and training facts.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    ckpt = None
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        claim_run_dir(run_dir, config)
+        done = run_dir / "record.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        ckpt = run_dir / "checkpoint"
+    splits = make_splits(config)
+    result = train(config, splits, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, progress=progress)
+    per_length = evaluate_per_length(result.model, splits.test, config.eval_batch_size)
+    summary = summarize(per_length, config.train_length)
+    tail = result.losses[-50:]
+    record = {
+        "run_id": config.run_id(),
+        "config": config.canonical(),
+        "per_length": {str(k): v for k, v in per_length.items()},
+        **summary,
+        "train": {
+            "steps": config.steps,
+            "final_loss": sum(tail) / max(1, len(tail)),
+            "seconds": round(result.seconds, 2),
+            "resumed_from_step": result.resumed_from,
+            "parameters": sum(p.numel() for p in result.model.parameters()),
+            "max_seq_len": splits.max_seq_len,
+        },
+        "env": {
+            "poslab": poslab.__version__,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+    }
+    if run_dir is not None:
+        tmp = run_dir / "record.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(run_dir / "record.json")
+    return record

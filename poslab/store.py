@@ -1,0 +1,138 @@
+"""The results database: one SQLite file, one row per run, keyed by the config hash.
+
+Only the parent process of a sweep writes, one transaction per finished run, so killing a
+sweep at any moment loses at most the runs in flight; a run is never stored twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ResultStore", "DEFAULT_DB"]
+
+DEFAULT_DB = Path("runs") / "poslab.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    task        TEXT NOT NULL,
+    pe          TEXT NOT NULL,
+    seed        INTEGER NOT NULL,
+    config      TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+    record      TEXT,
+    error       TEXT,
+    sweep       TEXT,
+    started_at  REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS runs_task_pe ON runs (task, pe);
+"""
+
+
+class ResultStore:
+    """Runs and their records in one SQLite file (created on first use)."""
+
+    def __init__(self, path: str | Path = DEFAULT_DB) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=60)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        try:
+            with con:  # one transaction: committed on success, rolled back on error
+                yield con
+        finally:
+            con.close()
+
+    def status(self, run_id: str) -> str | None:
+        with self._connect() as con:
+            row = con.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return row[0] if row else None
+
+    def done_ids(self) -> set[str]:
+        with self._connect() as con:
+            return {r[0] for r in con.execute("SELECT run_id FROM runs WHERE status = 'done'")}
+
+    def mark_running(self, run_id: str, config: dict[str, Any], sweep: str | None = None) -> None:
+        with self._connect() as con:
+            con.execute(
+                """INSERT INTO runs (run_id, task, pe, seed, config, status, sweep, started_at)
+                   VALUES (?, ?, ?, ?, ?, 'running', ?, ?)
+                   ON CONFLICT (run_id) DO UPDATE SET status = 'running', started_at = excluded.started_at,
+                       error = NULL, sweep = COALESCE(excluded.sweep, runs.sweep)
+                   WHERE runs.status != 'done'""",
+                (
+                    run_id,
+                    config["task"],
+                    config["pe"],
+                    config["seed"],
+                    json.dumps(config, sort_keys=True),
+                    sweep,
+                    time.time(),
+                ),
+            )
+
+    def finish(self, run_id: str, config: dict[str, Any], record: dict[str, Any], sweep: str | None = None) -> None:
+        with self._connect() as con:
+            con.execute(
+                """INSERT INTO runs (run_id, task, pe, seed, config, status, record, sweep, finished_at)
+                   VALUES (?, ?, ?, ?, ?, 'done', ?, ?, ?)
+                   ON CONFLICT (run_id) DO UPDATE SET status = 'done', record = excluded.record,
+                       error = NULL, finished_at = excluded.finished_at""",
+                (
+                    run_id,
+                    config["task"],
+                    config["pe"],
+                    config["seed"],
+                    json.dumps(config, sort_keys=True),
+                    json.dumps(record),
+                    sweep,
+                    time.time(),
+                ),
+            )
+
+    def fail(self, run_id: str, config: dict[str, Any], error: str, sweep: str | None = None) -> None:
+        with self._connect() as con:
+            con.execute(
+                """INSERT INTO runs (run_id, task, pe, seed, config, status, error, sweep, finished_at)
+                   VALUES (?, ?, ?, ?, ?, 'failed', ?, ?, ?)
+                   ON CONFLICT (run_id) DO UPDATE SET status = 'failed', error = excluded.error,
+                       finished_at = excluded.finished_at WHERE runs.status != 'done'""",
+                (
+                    run_id,
+                    config["task"],
+                    config["pe"],
+                    config["seed"],
+                    json.dumps(config, sort_keys=True),
+                    error,
+                    sweep,
+                    time.time(),
+                ),
+            )
+
+    def records(self, sweep: str | None = None, run_ids: list[str] | None = None) -> list[dict[str, Any]]:
+        """Records of finished runs (optionally one sweep's, or the given ids)."""
+        query, args = "SELECT run_id, record FROM runs WHERE status = 'done'", []
+        if sweep is not None:
+            query += " AND sweep = ?"
+            args.append(sweep)
+        with self._connect() as con:
+            rows = con.execute(query + " ORDER BY task, pe, seed", args).fetchall()
+        wanted = set(run_ids) if run_ids is not None else None
+        return [json.loads(rec) for rid, rec in rows if wanted is None or rid in wanted]
+
+    def counts(self) -> dict[str, int]:
+        with self._connect() as con:
+            return dict(con.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())

@@ -1,0 +1,182 @@
+"""Sweeps: a grid of run configs, executed in a process pool (or on Ray), stored in SQLite.
+
+A sweep file is TOML::
+
+    name = "quickstart"
+    [base]                 # fields shared by every run (any RunConfig field)
+    steps = 1500
+    train_length = "1:20"
+    [grid]                 # every combination of these lists
+    task = ["copy", "reverse"]
+    pe = ["nope", "rope"]
+    seed = [0, 1]
+
+Every config is validated before any run starts. Finished runs (by config hash) are skipped,
+so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm.auto import tqdm
+
+from poslab.config import ConfigError, RunConfig, format_validation_error, load_toml
+from poslab.store import ResultStore
+
+__all__ = ["SweepSpec", "load_sweep", "expand", "run_sweep", "EXECUTORS"]
+
+EXECUTORS = ("local", "ray")
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("sweep", min_length=1)
+    base: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep file (every run config included)."""
+    try:
+        spec = SweepSpec(**load_toml(path))
+    except ValidationError as err:
+        raise ConfigError(f"{path}: " + format_validation_error(err)) from None
+    expand(spec)
+    return spec
+
+
+def expand(spec: SweepSpec) -> list[RunConfig]:
+    """All configs of the grid, validated; duplicates (same hash) kept once, in grid order."""
+    for key, values in spec.grid.items():
+        if not values:
+            raise ConfigError(f"grid.{key} is empty; give at least one value")
+    keys = list(spec.grid)
+    configs, seen = [], set()
+    for combo in itertools.product(*(spec.grid[k] for k in keys)) if keys else [()]:
+        fields = {**spec.base, **dict(zip(keys, combo))}
+        try:
+            config = RunConfig.create(**fields)
+        except ConfigError as err:
+            where = ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo))
+            raise ConfigError(f"sweep {spec.name!r}, run ({where}):\n{err}") from None
+        if config.run_id() not in seen:
+            seen.add(config.run_id())
+            configs.append(config)
+    return configs
+
+
+def _work(config_dict: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+    """Worker entry point (top level so it pickles)."""
+    from poslab.runner import execute
+
+    return execute(RunConfig(**config_dict), run_dir=run_dir, progress=False, threads=threads)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    store: ResultStore,
+    runs_dir: str | Path = "runs",
+    executor: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every unfinished config of ``spec``; return counts and the sweep's run ids.
+
+    Args:
+        spec: the sweep.
+        store: where records go (the parent process writes, one transaction per run).
+        runs_dir: run directories (config, checkpoints, record) live under it.
+        executor: ``"local"`` (process pool) or ``"ray"``.
+        workers: parallel runs (default: the number of CPU cores, at most the runs).
+        address: Ray cluster address (``"auto"``, ``"ray://host:port"``; default: local).
+        progress: show a progress bar over runs with ETA.
+    """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor={executor!r} is not one of {', '.join(EXECUTORS)}")
+    configs = expand(spec)
+    done = store.done_ids()
+    todo = [c for c in configs if c.run_id() not in done]
+    summary = {
+        "sweep": spec.name,
+        "total": len(configs),
+        "skipped": len(configs) - len(todo),
+        "finished": 0,
+        "failed": 0,
+        "run_ids": [c.run_id() for c in configs],
+        "errors": {},
+    }
+    if not todo:
+        return summary
+    cores = os.cpu_count() or 1
+    workers = max(1, min(workers or cores, len(todo)))
+    threads = max(1, cores // workers)
+    runs_dir = Path(runs_dir)
+    bar = tqdm(
+        total=len(configs),
+        initial=summary["skipped"],
+        desc=f"sweep {spec.name}",
+        unit="run",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+
+    def record_result(config: RunConfig, outcome: dict[str, Any] | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            msg = "".join(traceback.format_exception_only(type(outcome), outcome)).strip()
+            store.fail(config.run_id(), config.canonical(), msg, spec.name)
+            summary["failed"] += 1
+            summary["errors"][config.run_id()] = msg
+        else:
+            store.finish(config.run_id(), config.canonical(), outcome, spec.name)
+            summary["finished"] += 1
+        bar.update(1)
+
+    for config in todo:
+        store.mark_running(config.run_id(), config.canonical(), spec.name)
+    if executor == "ray":
+        _run_ray(todo, runs_dir, threads, address, record_result)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            pending = {pool.submit(_work, c.canonical(), str(runs_dir / c.run_id()), threads): c for c in todo}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    config = pending.pop(fut)
+                    exc = fut.exception()
+                    record_result(config, exc if exc is not None else fut.result())
+    bar.close()
+    return summary
+
+
+def _run_ray(todo, runs_dir: Path, threads: int, address: str | None, record_result) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("executor 'ray' needs Ray: pip install 'poslab[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=threads)(_work)
+        refs = {remote.remote(c.canonical(), str(runs_dir.resolve() / c.run_id()), threads): c for c in todo}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            for ref in ready:
+                config = refs.pop(ref)
+                try:
+                    record_result(config, ray.get(ref))
+                except Exception as exc:  # a failed run is recorded, the sweep goes on
+                    record_result(config, exc)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,212 @@
+"""Training of one run: AdamW with warm-up and linear decay, clipping, loss on targets only.
+
+Seeded and deterministic on CPU. A progress bar shows loss and ETA; a non-finite loss stops
+the run with the step and value; checkpoints are safetensors files and a run resumes from
+its last one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from poslab.config import RunConfig
+from poslab.data import IGNORE, EncodedSet, encode_examples
+from poslab.model import Transformer
+from poslab.tasks import Task, Vocabulary, get_task
+
+__all__ = ["NonFiniteLossError", "Splits", "make_splits", "build_model", "train", "TrainResult"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Splits:
+    task: Task
+    vocab: Vocabulary
+    train: EncodedSet
+    test: EncodedSet
+    max_seq_len: int
+
+
+def make_splits(config: RunConfig) -> Splits:
+    """Generate the training set (uniform over training lengths) and the per-length test set."""
+    task = get_task(config.task)
+    vocab = task.vocabulary()
+    lo, hi = config.train_length
+    lengths = range(lo, hi + 1)
+    per_length = math.ceil(config.train_examples / len(lengths))
+    train_set = encode_examples(task.generate("train", lengths, per_length, config.data_seed), vocab)
+    tlo, thi = config.test_length
+    test_set = encode_examples(
+        task.generate("test", range(tlo, thi + 1), config.test_per_length, config.data_seed), vocab
+    )
+    max_seq_len = max(train_set.tokens.shape[1], test_set.tokens.shape[1])
+    return Splits(task, vocab, train_set, test_set, max_seq_len)
+
+
+def build_model(config: RunConfig, vocab_size: int, max_seq_len: int) -> Transformer:
+    return Transformer(
+        vocab_size=vocab_size,
+        d_model=config.d_model,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        d_ff=config.d_ff,
+        dropout=config.dropout,
+        pe=config.pe,
+        pe_params=config.pe_params,
+        max_seq_len=max_seq_len,
+    )
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over ``warmup * total`` steps, then linear decay to 0."""
+    w = max(1, round(warmup * total))
+    if step < w:
+        return (step + 1) / w
+    return max(0.0, (total - step) / max(1, total - w))
+
+
+@dataclass
+class TrainResult:
+    model: Transformer
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def _save_checkpoint(path: Path, model, opt, sched, step: int, losses: list[float], gen: torch.Generator) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not _tied(model, k)}, path / "model.tmp")
+    opt_tensors, opt_meta = {}, {"param_groups": opt.state_dict()["param_groups"], "state_keys": {}}
+    for pid, state in opt.state_dict()["state"].items():
+        opt_meta["state_keys"][str(pid)] = {}
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                opt_tensors[f"{pid}.{name}"] = value.contiguous()
+            else:
+                opt_meta["state_keys"][str(pid)][name] = value
+    opt_tensors["__rng__"] = gen.get_state()
+    meta = {
+        "step": str(step),
+        "optimizer": json.dumps(opt_meta),
+        "scheduler": json.dumps(sched.state_dict()),
+        "losses": json.dumps(losses),
+    }
+    save_file(opt_tensors, path / "trainer.tmp", metadata=meta)
+    (path / "model.tmp").replace(path / "model.safetensors")  # atomic: a kill leaves the old pair
+    (path / "trainer.tmp").replace(path / "trainer.safetensors")
+
+
+def _tied(model, key: str) -> bool:
+    return key == "head.weight" and model.config.tie_embeddings
+
+
+def _load_checkpoint(path: Path, model, opt, sched, gen: torch.Generator) -> tuple[int, list[float]]:
+    from safetensors import safe_open
+
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    tensors = load_file(path / "trainer.safetensors")
+    with safe_open(path / "trainer.safetensors", "pt") as fh:
+        meta = fh.metadata()
+    opt_meta = json.loads(meta["optimizer"])
+    state = {}
+    for pid, extras in opt_meta["state_keys"].items():
+        entry = dict(extras)
+        for key, value in tensors.items():
+            if key.startswith(f"{pid}."):
+                entry[key.split(".", 1)[1]] = value
+        state[int(pid)] = entry
+    opt.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+    sched.load_state_dict(json.loads(meta["scheduler"]))
+    gen.set_state(tensors["__rng__"])
+    return int(meta["step"]), json.loads(meta["losses"])
+
+
+def train(
+    config: RunConfig,
+    splits: Splits | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 500,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train one model on ``config``'s task.
+
+    Args:
+        config: the run.
+        splits: pre-generated data (default: generated from ``config``).
+        checkpoint_dir: where checkpoints go; an existing one is resumed.
+        checkpoint_every: steps between checkpoints.
+        progress: show a progress bar with ETA.
+        stop_after: stop (after checkpointing) at this step; for tests of resumption.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (names the step and value).
+    """
+    splits = splits or make_splits(config)
+    torch.manual_seed(config.seed)
+    model = build_model(config, len(splits.vocab), splits.max_seq_len)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pe.")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("pe.")]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config.steps, config.warmup))
+    gen = torch.Generator().manual_seed(config.seed)
+    start, losses = 0, []
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and (ckpt / "trainer.safetensors").exists():
+        start, losses = _load_checkpoint(ckpt, model, opt, sched, gen)
+    t0 = time.perf_counter()
+    model.train()
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        disable=not progress,
+        desc=f"{config.task}/{config.pe}",
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+    )
+    n = len(splits.train)
+    for step in range(start, config.steps):
+        idx = torch.randint(0, n, (config.batch_size,), generator=gen)
+        inputs, labels = splits.train.batch(idx)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        if not torch.isfinite(loss):
+            bar.close()
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {step} (task {config.task}, pe {config.pe}, "
+                f"lr {config.lr}); lower the learning rate or check the data"
+            )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done = step + 1
+        if ckpt is not None and (done % checkpoint_every == 0 or done == config.steps or done == stop_after):
+            _save_checkpoint(ckpt, model, opt, sched, done, losses, gen)
+        if stop_after is not None and done >= stop_after:
+            break
+    bar.close()
+    model.eval()
+    return TrainResult(model=model, losses=losses, seconds=time.perf_counter() - t0, resumed_from=start)

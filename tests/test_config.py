@@ -1,0 +1,33 @@
+import pytest
+
+from poslab.config import ConfigError, RunConfig, parse_length_range
+
+
+def test_defaults_and_aliases_hash_the_same():
+    a = RunConfig.create(task="copy", pe="rope")
+    b = RunConfig.create(task="copy_rsc", pe="rope", train_length=[1, 20])
+    assert a.task == "copy_rsc" and a.run_id() == b.run_id()
+    assert a.run_id() != RunConfig.create(task="copy", pe="rope", seed=1).run_id()
+
+
+@pytest.mark.parametrize(
+    "fields,pattern",
+    [
+        ({"task": "cpy"}, r"task: unknown task 'cpy'; valid tasks: .*copy_cmc"),
+        ({"pe": "roap"}, r"pe: unknown encoding 'roap'; valid encodings: alibi, .*rope"),
+        ({"train_length": "20:1"}, r"train_length=20:1 is inverted"),
+        ({"test_length": "0:40"}, r"test_length=0:40 starts below 1"),
+        ({"steps": 0}, r"steps: .*greater than 0 \(got 0\)"),
+        ({"train_length": "1-20"}, r"LO:HI"),
+        ({"pe_params": {"theta": 1}}, r"\['theta'\] are not parameters of 'rope'; valid: .*base"),
+        ({"lr": -1}, r"lr: .*greater than 0"),
+        ({"stepz": 3}, r"stepz: Extra inputs"),
+    ],
+)
+def test_bad_config_names_field_value_and_choices(fields, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        RunConfig.create(**fields)
+
+
+def test_parse_length_range():
+    assert parse_length_range("3:9") == (3, 9) and parse_length_range([1, 2]) == (1, 2)

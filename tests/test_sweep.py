@@ -1,0 +1,121 @@
+"""Sweeps: grid expansion, validation before work, skipping, and surviving SIGKILL."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from poslab.config import ConfigError
+from poslab.store import ResultStore
+from poslab.sweep import SweepSpec, expand, load_sweep, run_sweep
+
+BASE = dict(
+    train_length="1:3",
+    test_length="1:4",
+    steps=12,
+    batch_size=8,
+    d_model=16,
+    num_heads=2,
+    num_layers=1,
+    train_examples=48,
+    test_per_length=3,
+)
+
+
+def test_expand_grid_and_dedupe():
+    spec = SweepSpec(name="t", base=BASE, grid={"pe": ["nope", "rope"], "seed": [0, 1], "task": ["copy", "copy_rsc"]})
+    configs = expand(spec)
+    assert len(configs) == 4  # copy is an alias of copy_rsc: same runs
+    assert {c.pe for c in configs} == {"nope", "rope"}
+
+
+def test_bad_grid_value_fails_before_any_work(tmp_path):
+    spec = SweepSpec(name="t", base=BASE, grid={"pe": ["nope", "ropey"]})
+    with pytest.raises(ConfigError, match=r"(?s)run \(pe='ropey'\).*unknown encoding 'ropey'"):
+        run_sweep(spec, ResultStore(tmp_path / "r.sqlite"), runs_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*/config.json"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[grid]\npe = []\n')
+    with pytest.raises(ConfigError, match="grid.pe is empty"):
+        load_sweep(bad)
+
+
+def test_sweep_runs_and_skips_finished(tmp_path):
+    spec = SweepSpec(name="t", base={**BASE, "task": "copy"}, grid={"pe": ["nope", "alibi"]})
+    store = ResultStore(tmp_path / "r.sqlite")
+    first = run_sweep(spec, store, runs_dir=tmp_path / "runs", workers=2, progress=False)
+    assert first["finished"] == 2 and first["failed"] == 0
+    second = run_sweep(spec, store, runs_dir=tmp_path / "runs", workers=2, progress=False)
+    assert second["skipped"] == 2 and second["finished"] == 0
+    recs = store.records(sweep="t")
+    assert {r["config"]["pe"] for r in recs} == {"nope", "alibi"}
+    assert all("per_length" in r and r["in_distribution"] for r in recs)
+
+
+def test_sigkill_then_restart_loses_nothing_and_duplicates_nothing(tmp_path):
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(
+        textwrap.dedent("""
+        name = "kill"
+        [base]
+        task = "copy"
+        train_length = "1:3"
+        test_length = "1:4"
+        steps = 40
+        batch_size = 8
+        d_model = 16
+        num_heads = 2
+        num_layers = 1
+        train_examples = 48
+        test_per_length = 3
+        [grid]
+        pe = ["nope", "alibi", "rope"]
+        seed = [0, 1]
+    """)
+    )
+    db = tmp_path / "r.sqlite"
+    cmd = [
+        sys.executable,
+        "-m",
+        "poslab",
+        "sweep",
+        str(sweep),
+        "--db",
+        str(db),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    done_before = {}
+    while time.time() < deadline:
+        if db.exists():
+            try:
+                rows = (
+                    sqlite3.connect(db).execute("SELECT run_id, finished_at FROM runs WHERE status='done'").fetchall()
+                )
+            except sqlite3.OperationalError:
+                rows = []
+            if rows:
+                done_before = dict(rows)
+                break
+        time.sleep(0.2)
+    assert done_before, "no run finished before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(done_before) < 6
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT run_id, status, finished_at FROM runs").fetchall()
+    assert len(rows) == 6 and all(status == "done" for _, status, _ in rows)
+    finished = {rid: t for rid, _, t in rows}
+    for rid, t in done_before.items():
+        assert finished[rid] == t  # finished before the kill: kept, not recomputed

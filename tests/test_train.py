@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from poslab import train as train_mod
+from poslab.config import RunConfig
+from poslab.train import NonFiniteLossError, make_splits, train
+
+TINY = dict(
+    task="copy_cmc",
+    pe="rope",
+    train_length="1:4",
+    test_length="1:6",
+    steps=20,
+    batch_size=8,
+    d_model=16,
+    num_heads=2,
+    num_layers=1,
+    train_examples=64,
+    test_per_length=4,
+)
+
+
+def test_training_is_deterministic():
+    cfg = RunConfig.create(**TINY)
+    a, b = train(cfg, progress=False), train(cfg, progress=False)
+    assert a.losses == b.losses
+    assert train(RunConfig.create(**{**TINY, "seed": 1}), progress=False).losses != a.losses
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    cfg = RunConfig.create(**TINY)
+    full = train(cfg, progress=False)
+    part = train(cfg, checkpoint_dir=tmp_path, progress=False, stop_after=9)
+    assert len(part.losses) == 9 and (tmp_path / "model.safetensors").exists()
+    resumed = train(cfg, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from == 9
+    assert resumed.losses == full.losses
+    for (n, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_non_finite_loss_stops_with_a_clear_message(monkeypatch):
+    monkeypatch.setattr(train_mod.F, "cross_entropy", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 0 .*copy_cmc.*lower the learning rate"):
+        train(RunConfig.create(**TINY), progress=False)
+
+
+def test_learns_a_task_in_seconds():
+    from poslab.evaluate import evaluate_per_length, summarize
+
+    cfg = RunConfig.create(
+        **{
+            **TINY,
+            "task": "copy_rsc",
+            "steps": 300,
+            "batch_size": 32,
+            "d_model": 32,
+            "num_layers": 2,
+            "lr": 3e-3,
+            "train_examples": 2000,
+            "test_per_length": 20,
+        }
+    )
+    splits = make_splits(cfg)
+    result = train(cfg, splits, progress=False)
+    assert sum(result.losses[-20:]) / 20 < 0.1 * sum(result.losses[:20]) / 20
+    summary = summarize(evaluate_per_length(result.model, splits.test), cfg.train_length)
+    assert summary["in_distribution"]["exact_match"] >= 0.9
+
+
+def test_learned_table_covers_test_lengths():
+    cfg = RunConfig.create(**{**TINY, "pe": "learned"})
+    splits = make_splits(cfg)
+    model = train(cfg, splits, progress=False).model
+    assert model.pe.max_len >= splits.test.tokens.shape[1]
