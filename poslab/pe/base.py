@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-class Site(str, enum.Enum):
+class Site(enum.StrEnum):
     """Where an encoding acts on attention."""
 
     INPUT = "input"  # vector added to the token embedding

@@ -14,7 +14,8 @@ __all__ = ["Vocabulary", "PAD", "BOS", "EOS", "word_tokens", "piece_tokens"]
 PAD, BOS, EOS = 0, 1, 2
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 
-_PIECE = re.compile(r"\[[A-Za-z/_]+\]|[A-Za-z_]+|\S")
+# k00..k99 stay single tokens in piece mode: they are the single-token items of sort_sngd
+_PIECE = re.compile(r"\[[A-Za-z/_]+\]|k\d\d(?![0-9])|[A-Za-z_]+|\S")
 
 
 def word_tokens(text: str) -> list[str]:
@@ -23,7 +24,8 @@ def word_tokens(text: str) -> list[str]:
 
 
 def piece_tokens(text: str) -> list[str]:
-    """Piece mode: bracketed specials, runs of letters/underscore, and single other characters."""
+    """Piece mode: bracketed specials, symbols ``k00``..``k99``, runs of letters/underscore, and
+    single other characters (every digit and punctuation mark)."""
     return _PIECE.findall(text)
 
 

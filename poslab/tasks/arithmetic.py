@@ -1,0 +1,200 @@
+"""Mathematical tasks of the Kazemnejad et al. 2023 suite (tasks.md 2.5-2.9), piece mode.
+
+*The Impact of Positional Encoding on Length Generalization in Transformers*, Kazemnejad,
+2023, arXiv 2305.19466. Every digit is its own token; numbers are written with spaced digits
+(``537 -> "5 3 7"``, ``-3 -> "- 3"``). Each task has an answer extractor that parses
+generated text the way the original scorer does (a parse failure counts as wrong).
+
+Deviation: addition's length is ``max(a_len, b_len)`` and, inside one length, the bucket
+``a_len-by-b_len`` is drawn uniformly, so splits are uniform over lengths (the original
+builder is uniform over buckets). The bucket is kept in ``meta["category"]``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from poslab.tasks.base import Example, Task, register_task
+from poslab.tasks.kazemnejad import SYM
+from poslab.tasks.vocab import Vocabulary
+
+DIGITS = [str(d) for d in range(10)]
+PUNCT = ["+", "-", "*", "?", ".", "=", "[", "]", ",", ":", "'", "[SEP]"]
+WORDS = [
+    "Compute",
+    "The",
+    "answer",
+    "is",
+    "Evaluate",
+    "at",
+    "x",
+    "in",
+    "Sort",
+    "the",
+    "following",
+    "list",
+    "sorted",
+    "Is",
+    "number",
+    "of",
+    "s",
+    "even",
+    "sequence",
+    "Yes",
+    "No",
+]
+
+
+def spaced(n: int) -> str:
+    """Decimal digits joined by spaces; a negative number is ``"- "`` followed by its digits."""
+    return ("- " if n < 0 else "") + " ".join(str(abs(n)))
+
+
+def unspaced(text: str) -> int | None:
+    """Inverse of :func:`spaced` (spaces removed); None when it is not an integer."""
+    t = text.replace(" ", "")
+    return int(t) if re.fullmatch(r"-?\d+", t) else None
+
+
+def answer_is(text: str, terminator: str = ".") -> str | None:
+    """The text after the last ``The answer is`` up to the next ``terminator``."""
+    pos = text.rfind("The answer is")
+    if pos < 0:
+        return None
+    rest = text[pos + len("The answer is") :]
+    end = rest.find(terminator)
+    return rest[:end].strip() if end >= 0 else None
+
+
+class _Math(Task):
+    suite = "kazemnejad"
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary([*WORDS, *PUNCT, *DIGITS, *SYM], mode="piece")
+
+    def extract_answer(self, text: str):
+        raise NotImplementedError
+
+    def answer(self, example: Example):
+        """The gold answer value (what :meth:`extract_answer` must recover)."""
+        return self.extract_answer(example.target)
+
+    def _make(self, prompt: str, length: int, **meta) -> Example:
+        ex = Example(prompt, "", length, meta)
+        return Example(prompt, self.solve(ex), length, meta)
+
+
+def _operand(digits: int, rng) -> int:
+    return int(rng.integers(0, 10)) if digits == 1 else int(rng.integers(10 ** (digits - 1), 10**digits))
+
+
+@register_task("addition")
+class Addition(_Math):
+    description = "a + b with l-digit operands (l = the longer one)"
+    unit = "digits"
+
+    def sample(self, length, rng, index, bin_size):
+        other = int(rng.integers(self.min_length, length + 1))  # the shorter operand's digits
+        a_len, b_len = (length, other) if rng.integers(0, 2) else (other, length)
+        a, b = _operand(a_len, rng), _operand(b_len, rng)
+        return self._make(f"Compute {spaced(a)} + {spaced(b)} ? ", length, a=a, b=b, category=f"{a_len}-by-{b_len}")
+
+    def solve(self, example):
+        return f"The answer is {spaced(example.meta['a'] + example.meta['b'])}."
+
+    def extract_answer(self, text):
+        found = answer_is(text)
+        return None if found is None else unspaced(found)
+
+
+@register_task("poly")
+class Polynomial(_Math):
+    description = "a polynomial with l terms evaluated at x, mod 10"
+    unit = "terms"
+
+    def sample(self, length, rng, index, bin_size):
+        x = int(rng.integers(-2, 3))
+        terms = [(int(rng.integers(-3, 4)), int(rng.integers(0, 4))) for _ in range(length)]
+        body = " + ".join(f"{spaced(c)} * x ** {e}" for c, e in terms)
+        return self._make(f"Evaluate at x = {spaced(x)} in {body} ? ", length, x=x, terms=terms)
+
+    def solve(self, example):
+        x = example.meta["x"]
+        return f"The answer is {sum(c * x**e for c, e in example.meta['terms']) % 10}."
+
+    def extract_answer(self, text):
+        found = answer_is(text)
+        return None if found is None else unspaced(found)
+
+
+@register_task("sort_sngd")
+class SortSingle(_Math):
+    description = "sort l single-token items"
+    unit = "items"
+
+    def sample(self, length, rng, index, bin_size):
+        items = [int(i) for i in rng.integers(0, 50, size=length)]
+        return self._make(f"Sort the following list [ {', '.join(SYM[i] for i in items)} ]. ", length, items=items)
+
+    def solve(self, example):
+        return f"The sorted list is [ {', '.join(SYM[i] for i in sorted(example.meta['items']))} ]."
+
+    def extract_answer(self, text):
+        m = re.search(r"The sorted list is \[(.*)\]", text)
+        return None if m is None else [s.strip() for s in m.group(1).split(",")]
+
+
+@register_task("sort_mltd")
+class SortMulti(_Math):
+    description = "sort l multi-digit numbers"
+    unit = "items"
+
+    def sample(self, length, rng, index, bin_size):
+        items = [int(i) for i in rng.integers(10, 10000, size=length)]
+        return self._make(f"Sort the following list [ {', '.join(spaced(i) for i in items)} ]. ", length, items=items)
+
+    def solve(self, example):
+        return f"The sorted list is [ {', '.join(spaced(i) for i in sorted(example.meta['items']))} ]."
+
+    def extract_answer(self, text):
+        m = re.search(r"The sorted list is \[(.*)\]", text)
+        if m is None:
+            return None
+        values = [unspaced(s) for s in m.group(1).split(",")]
+        return None if any(v is None for v in values) else values
+
+
+@register_task("sum")
+class Summation(_Math):
+    description = "sum of l digits, mod 10"
+    unit = "summands"
+
+    def sample(self, length, rng, index, bin_size):
+        values = [int(v) for v in rng.integers(1, 10, size=length)]
+        return self._make(f"Compute: {' + '.join(map(str, values))} .[SEP] ", length, values=values)
+
+    def solve(self, example):
+        return f"The answer is {sum(example.meta['values']) % 10} ."
+
+    def extract_answer(self, text):
+        found = answer_is(text)
+        return None if found is None else unspaced(found)
+
+
+@register_task("parity")
+class Parity(_Math):
+    description = "is the number of 1s among l bits even"
+    unit = "bits"
+
+    def sample(self, length, rng, index, bin_size):
+        bits = [int(b) for b in rng.integers(0, 2, size=length)]
+        return self._make(
+            f"Is the number of 1's even in the sequence [ {', '.join(map(str, bits))} ] ? ", length, bits=bits
+        )
+
+    def solve(self, example):
+        return f"The answer is {'Yes' if sum(example.meta['bits']) % 2 == 0 else 'No'}."
+
+    def extract_answer(self, text):
+        found = answer_is(text)
+        return None if found is None else found.strip().capitalize()
