@@ -65,6 +65,10 @@ class Task:
         """The target recomputed from ``example.meta`` (the self-check)."""
         raise NotImplementedError
 
+    def available_lengths(self, lo: int, hi: int) -> list[int]:
+        """Lengths in ``[lo, hi]`` that have examples (all of them, unless a corpus has gaps)."""
+        return list(range(lo, hi + 1))
+
     def generate(self, split: str, lengths: range | list[int], per_length: int, seed: int) -> list[Example]:
         """``per_length`` examples for every length, in length order (seeded per split)."""
         for ell in lengths:

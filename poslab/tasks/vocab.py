@@ -19,8 +19,9 @@ _PIECE = re.compile(r"\[[A-Za-z/_]+\]|k\d\d(?![0-9])|[A-Za-z_]+|\S")
 
 
 def word_tokens(text: str) -> list[str]:
-    """Word mode: every whitespace-separated word is one token."""
-    return text.split()
+    """Word mode: every whitespace-separated word is one token; ``[SEP]`` always stands alone
+    (SCAN's source ends right before it, ``left[SEP]``)."""
+    return text.replace("[SEP]", " [SEP] ").split()
 
 
 def piece_tokens(text: str) -> list[str]:

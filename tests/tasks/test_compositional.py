@@ -1,0 +1,99 @@
+"""LEGO and SCAN: exact strings, solvers, and the SCAN corpus against tasks.md's counts."""
+
+import re
+
+import pytest
+
+from poslab.tasks import get_task
+from poslab.tasks.compositional import lego_query_min, scan_actions, scan_corpus
+
+HISTOGRAM = {
+    1: 6,
+    2: 88,
+    3: 398,
+    4: 860,
+    5: 1184,
+    6: 1178,
+    7: 1104,
+    8: 1450,
+    9: 1256,
+    10: 1696,
+    11: 1072,
+    12: 1578,
+    13: 432,
+    14: 848,
+    15: 688,
+    16: 304,
+    17: 512,
+    18: 784,
+    19: 448,
+    20: 464,
+    21: 64,
+    22: 576,
+    24: 336,
+    25: 448,
+    26: 512,
+    27: 448,
+    28: 448,
+    30: 576,
+    32: 448,
+    33: 256,
+    36: 64,
+    40: 256,
+    48: 128,
+}
+
+
+def test_scan_corpus_matches_the_published_counts():
+    corpus = scan_corpus()
+    assert {k: len(v) for k, v in corpus.items()} == HISTOGRAM
+    assert sum(HISTOGRAM.values()) == 20910
+    assert sum(n for k, n in HISTOGRAM.items() if k <= 22) == 16990  # official length split, train
+    assert sum(n for k, n in HISTOGRAM.items() if k <= 25) == 17774  # Kazemnejad tr25 pool
+
+
+def test_scan_interpreter_agrees_with_the_enumeration():
+    for length, pairs in scan_corpus().items():
+        for command, actions in pairs:
+            assert scan_actions(command) == actions
+            assert len(actions.split()) == length
+    assert scan_actions("jump twice after walk left") == "Left Walk Jump Jump"
+
+
+def test_scan_strings_and_missing_lengths():
+    ex = get_task("scan_mdlen").generate("test", [4], 3, seed=0)[0]
+    assert ex.prompt == f"Solve: {ex.meta['command']}[SEP] " and len(ex.target.split()) == 4
+    vocab = get_task("scan_len").vocabulary()
+    assert vocab.tokenize("walk left[SEP] Left Walk") == ["walk", "left", "[SEP]", "Left", "Walk"]
+    assert get_task("scan_len").available_lengths(20, 30) == [20, 21, 22, 24, 25, 26, 27, 28, 30]
+    with pytest.raises(ValueError, match="no SCAN command has 23 actions"):
+        get_task("scan_len").generate("train", [23], 1, seed=0)
+
+
+@pytest.mark.parametrize("name", ["lego", "lego_perm"])
+def test_lego_generator_and_solver(name):
+    task = get_task(name)
+    vocab = task.vocabulary()
+    for ex in task.generate("train", range(2, 17), 5, seed=1):
+        vocab.encode(ex.prompt + ex.target)
+        assert ex.target == task.solve(ex)
+        assert task.extract_answer(ex.target) in ("+1", "-1")
+        clauses = re.match(r"If (.*)\. Then, what is the value of (\w)\? $", ex.prompt)
+        assert clauses and clauses.group(2) == ex.meta["query"]
+        shown = clauses.group(1).split(", ")
+        assert sorted(shown) == sorted(ex.meta["clauses"]) and len(shown) == ex.length
+        if name == "lego":
+            assert shown == ex.meta["clauses"]
+        index = [c.split(" = ")[0] for c in ex.meta["clauses"]].index(ex.meta["query"])
+        assert index >= lego_query_min(ex.length)
+
+
+def test_lego_spec_example_and_limits():
+    from poslab.tasks.base import Example
+
+    clauses = ["q = -1", "t = - q", "c = + t", "f = - c", "r = + f"]
+    ex = Example("", "", 5, {"clauses": clauses, "query": "f"})
+    assert get_task("lego").solve(ex) == "The answer is -1."
+    assert lego_query_min(5) == 3 and lego_query_min(6) == 3
+    with pytest.raises(ValueError, match="exceeds 26"):
+        get_task("lego").generate("train", [27], 1, seed=0)
