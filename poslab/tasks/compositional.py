@@ -195,3 +195,113 @@ class ScanLength(Task):
 class ScanLengthSolve(ScanLength):
     description = "SCAN length split with the constant 'Solve: ' prefix (the stable variant)"
     prefix = "Solve: "
+
+
+# ----------------------------------------------------------------------------- PCFG SET
+UNARY = ("copy", "reverse", "shift", "echo", "swap_first_last", "repeat")
+BINARY = ("append", "prepend", "remove_first", "remove_second")
+PCFG_LETTERS = [f"{c}{i}" for c in string.ascii_uppercase for i in range(1, 21)]
+
+
+def pcfg_apply(name: str, args: list[list[str]]) -> list[str]:
+    """The PCFG SET functions (Hupkes et al. 2020) on letter sequences."""
+    x = args[0]
+    if name == "copy":
+        return list(x)
+    if name == "reverse":
+        return x[::-1]
+    if name == "shift":
+        return x[1:] + x[:1]
+    if name == "echo":
+        return x + x[-1:]
+    if name == "swap_first_last":
+        return x if len(x) < 2 else [x[-1], *x[1:-1], x[0]]
+    if name == "repeat":
+        return x + x
+    y = args[1]
+    return {"append": x + y, "prepend": y + x, "remove_first": list(y), "remove_second": list(x)}[name]
+
+
+def pcfg_evaluate(tokens: list[str]) -> list[str]:
+    """Parse a prefix-notation PCFG SET source by arity and evaluate it."""
+
+    def parse(i: int) -> tuple[list[str], int]:
+        tok = tokens[i]
+        if tok in UNARY:
+            arg, i = parse(i + 1)
+            return pcfg_apply(tok, [arg]), i
+        if tok in BINARY:
+            first, i = parse(i + 1)
+            if i >= len(tokens) or tokens[i] != ",":
+                raise ValueError(f"expected ',' at token {i} of {' '.join(tokens)}")
+            second, i = parse(i + 1)
+            return pcfg_apply(tok, [first, second]), i
+        run = []
+        while i < len(tokens) and tokens[i] not in UNARY and tokens[i] not in BINARY and tokens[i] != ",":
+            run.append(tokens[i])
+            i += 1
+        if not run:
+            raise ValueError(f"empty argument at token {i} of {' '.join(tokens)}")
+        return run, i
+
+    value, end = parse(0)
+    if end != len(tokens):
+        raise ValueError(f"trailing tokens after position {end} in {' '.join(tokens)}")
+    return value
+
+
+@register_task("pcfg_prod")
+class PcfgProductivity(Task):
+    """PCFG SET, productivity split: ``l`` = number of function tokens.
+
+    Trees are built with exactly ``l`` functions: a function node is unary with probability
+    ``p_u`` (drawn per example, as the original re-draws it), and its ``n - 1`` remaining
+    functions are split uniformly between a binary node's two arguments; an argument with no
+    functions is a fresh string of 2-5 letters, never reused within a split. Deviation: the
+    released corpus is re-weighted to English-like depth and length statistics; poslab's
+    splits are uniform over lengths like every other task.
+    """
+
+    suite = "kazemnejad"
+    unit = "functions"
+    min_length = 1
+    description = "PCFG SET string functions in prefix notation; l = number of functions"
+    prefix = "Solve: "
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(["Solve:", *UNARY, *BINARY, ",", "[SEP]", *PCFG_LETTERS], mode="word")
+
+    def generate(self, split, lengths, per_length, seed):
+        self._used: set[tuple[str, ...]] = set()
+        return super().generate(split, lengths, per_length, seed)
+
+    def _string(self, rng) -> list[str]:
+        used = getattr(self, "_used", set())
+        while True:
+            s = tuple(PCFG_LETTERS[i] for i in rng.integers(0, len(PCFG_LETTERS), size=int(rng.integers(2, 6))))
+            if s not in used:
+                used.add(s)
+                return list(s)
+
+    def _tree(self, n: int, p_unary: float, rng) -> list[str]:
+        if n == 0:
+            return self._string(rng)
+        if rng.random() < p_unary:
+            return [UNARY[int(rng.integers(0, len(UNARY)))], *self._tree(n - 1, p_unary, rng)]
+        left = int(rng.integers(0, n))  # functions in the first argument, of the n - 1 below
+        return [
+            BINARY[int(rng.integers(0, len(BINARY)))],
+            *self._tree(left, p_unary, rng),
+            ",",
+            *self._tree(n - 1 - left, p_unary, rng),
+        ]
+
+    def sample(self, length, rng, index, bin_size):
+        source = self._tree(length, float(rng.random()), rng)
+        meta = {"source": source}
+        return Example(
+            f"{self.prefix}{' '.join(source)}[SEP] ", self.solve(Example("", "", length, meta)), length, meta
+        )
+
+    def solve(self, example):
+        return " ".join(pcfg_evaluate(example.meta["source"]))

@@ -97,3 +97,39 @@ def test_lego_spec_example_and_limits():
     assert lego_query_min(5) == 3 and lego_query_min(6) == 3
     with pytest.raises(ValueError, match="exceeds 26"):
         get_task("lego").generate("train", [27], 1, seed=0)
+
+
+def test_pcfg_released_example():
+    from poslab.tasks.compositional import pcfg_evaluate
+
+    src = "echo append copy Q10 E4 S15 P7 , shift remove_second K15 D8 M9 W5 , H12 Q5 G10 J6 J10".split()
+    assert pcfg_evaluate(src) == "Q10 E4 S15 P7 D8 M9 W5 K15 K15".split()
+
+
+def test_pcfg_functions():
+    from poslab.tasks.compositional import pcfg_apply
+
+    x, y = ["A1", "B2", "C3"], ["D4", "E5"]
+    assert pcfg_apply("shift", [x]) == ["B2", "C3", "A1"] and pcfg_apply("echo", [x]) == x + ["C3"]
+    assert pcfg_apply("swap_first_last", [x]) == ["C3", "B2", "A1"] and pcfg_apply("repeat", [y]) == y + y
+    assert pcfg_apply("prepend", [x, y]) == y + x and pcfg_apply("remove_first", [x, y]) == y
+    assert pcfg_apply("remove_second", [x, y]) == x and pcfg_apply("reverse", [x]) == x[::-1]
+
+
+def test_pcfg_generator_counts_functions_and_never_reuses_strings():
+    from poslab.tasks.compositional import BINARY, UNARY
+
+    task = get_task("pcfg_prod")
+    vocab = task.vocabulary()
+    examples = task.generate("train", range(1, 13), 10, seed=0)
+    seen = set()
+    for ex in examples:
+        src = ex.meta["source"]
+        assert sum(t in UNARY or t in BINARY for t in src) == ex.length
+        assert ex.prompt == f"Solve: {' '.join(src)}[SEP] " and ex.target == task.solve(ex)
+        vocab.encode(ex.prompt + ex.target)
+        runs = " ".join("|" if t in UNARY or t in BINARY or t == "," else t for t in src).split("|")
+        for run in (r.split() for r in runs):
+            if run:
+                assert tuple(run) not in seen and 2 <= len(run) <= 5
+                seen.add(tuple(run))
