@@ -62,6 +62,7 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "d_model": args.d_model,
         "num_layers": args.num_layers,
         "num_heads": args.num_heads,
+        "scratchpad": args.scratchpad,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
     for item in args.pe_param or []:
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pe-param", action="append", metavar="NAME=VALUE", help="encoding parameter, repeatable")
     p.add_argument("--train-length", help="LO:HI, inclusive")
     p.add_argument("--test-length", help="LO:HI, inclusive")
+    p.add_argument("--scratchpad", help="scratchpad parts, e.g. i1_c1_o1_v1_r1 (math tasks and LEGO)")
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)

@@ -46,6 +46,7 @@ class RunConfig(BaseModel):
     pe_params: dict[str, Any] = Field(default_factory=dict)
     train_length: tuple[int, int] = Field((1, 20), description="inclusive range of training lengths")
     test_length: tuple[int, int] = Field((1, 40), description="inclusive range of evaluated lengths")
+    scratchpad: str | None = Field(None, description="scratchpad parts, e.g. i1_c1_o1_v1_r1 (tasks.md 2.13)")
     steps: int = Field(2000, gt=0)
     seed: int = Field(0, ge=0, description="model and batch-order seed")
     data_seed: int = Field(0, ge=0, description="seed of the generated splits")
@@ -91,6 +92,10 @@ class RunConfig(BaseModel):
                 raise ValueError(f"{field}={lo}:{hi} starts below {task.min_length}, the shortest {self.task} example")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.scratchpad is not None:
+            from poslab.tasks.scratchpad import check_supported
+
+            check_supported(self.task, self.scratchpad)
         unknown = set(self.pe_params) - set(pe_lib.parameters(self.pe))
         if unknown:
             raise ValueError(

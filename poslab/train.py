@@ -22,6 +22,7 @@ from poslab.config import RunConfig
 from poslab.data import IGNORE, EncodedSet, encode_examples
 from poslab.model import Transformer
 from poslab.tasks import Task, Vocabulary, get_task
+from poslab.tasks.scratchpad import ScratchpadTask
 
 __all__ = ["NonFiniteLossError", "Splits", "make_splits", "build_model", "train", "TrainResult"]
 
@@ -42,6 +43,8 @@ class Splits:
 def make_splits(config: RunConfig) -> Splits:
     """Generate the training set (uniform over training lengths) and the per-length test set."""
     task = get_task(config.task)
+    if config.scratchpad is not None:
+        task = ScratchpadTask(task, config.scratchpad)
     vocab = task.vocabulary()
     lo, hi = config.train_length
     lengths = range(lo, hi + 1)

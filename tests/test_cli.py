@@ -95,3 +95,59 @@ def test_run_dir_with_another_config_is_never_overwritten(tmp_path, capsys):
     assert code == 2
     assert "already holds a different config" in capsys.readouterr().err
     assert json.loads((run_dir / "config.json").read_text()) == {"task": "other"}
+
+
+def test_every_run_flag_reaches_the_config(tmp_path, capsys):
+    """A flag that parses but never reaches RunConfig would silently run the wrong experiment."""
+    from poslab.cli import _run_fields, build_parser
+    from poslab.config import RunConfig
+
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--task",
+            "addition",
+            "--pe",
+            "alibi",
+            "--train-length",
+            "1:3",
+            "--test-length",
+            "1:6",
+            "--steps",
+            "7",
+            "--seed",
+            "3",
+            "--batch-size",
+            "5",
+            "--lr",
+            "0.002",
+            "--d-model",
+            "24",
+            "--num-layers",
+            "3",
+            "--num-heads",
+            "3",
+            "--scratchpad",
+            "i0_c1_o1_v0_r0",
+            "--pe-param",
+            "causal=true",
+        ]
+    )
+    cfg = RunConfig.create(**_run_fields(args))
+    assert (
+        cfg.task,
+        cfg.pe,
+        cfg.train_length,
+        cfg.test_length,
+        cfg.steps,
+        cfg.seed,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.d_model,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.scratchpad,
+        cfg.pe_params,
+    ) == ("addition", "alibi", (1, 3), (1, 6), 7, 3, 5, 0.002, 24, 3, 3, "i0_c1_o1_v0_r0", {"causal": True})
+    assert main(["run", "--task", "copy", "--scratchpad", "i1_c1_o1_v1_r1", "--db", str(tmp_path / "r.sqlite")]) == 2
+    assert "has no scratchpad" in capsys.readouterr().err

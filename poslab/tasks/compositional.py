@@ -53,7 +53,12 @@ class Lego(Task):
         order = list(rng.permutation(length)) if self.permute else list(range(length))
         query = int(rng.integers(lego_query_min(length), length))
         prompt = f"If {', '.join(clauses[i] for i in order)}. Then, what is the value of {names[query]}? "
-        meta = {"clauses": clauses, "query": names[query], "category": f"{length},{query}"}
+        meta = {
+            "clauses": clauses,
+            "order": [int(i) for i in order],
+            "query": names[query],
+            "category": f"{length},{query}",
+        }
         return Example(prompt, self.solve(Example(prompt, "", length, meta)), length, meta)
 
     def solve(self, example):
