@@ -93,17 +93,18 @@ def attention(
             return out
         if bias.band is not None and bias.relative_values is not None and bias.band > 0:
             return _BandedBiasAttention.apply(q, k, v, bias.relative_values, dense, scale, bias.band)
-    if bias.requires_grad:
-        mask = bias.dense.to(q.dtype)
-        if causal:
-            mask = mask.masked_fill(~causal_mask(tq, tk, q.device), torch.finfo(q.dtype).min)
-    else:
-        mask = _prepared(bias, ("sdpa", causal, tq, tk), q.dtype, q.device, lambda b: _merged_mask(b, causal, q))
+    if bias.requires_grad:  # the mask keeps its autograd history (SDPA's math path)
+        mask = _merged_mask(bias.dense, causal, q)
+    else:  # constant: built once per shape, dtype and device, shared by every layer
+        mask = _prepared(
+            bias, ("sdpa", causal, tq, tk), q.dtype, q.device, lambda b: _merged_mask(b.detach(), causal, q)
+        )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _merged_mask(dense: Tensor, causal: bool, q: Tensor) -> Tensor:
-    mask = dense.detach().to(q.dtype)
+    """The bias in ``q.dtype`` with masked keys at ``finfo.min`` (not -inf: no NaN rows)."""
+    mask = dense.to(q.dtype)
     if causal:
         tq, tk = mask.shape[-2:]
         mask = mask.masked_fill(~causal_mask(tq, tk, q.device), torch.finfo(q.dtype).min)

@@ -19,6 +19,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from poslab.pe.functional import apply_rope
+
 __all__ = [
     "Site",
     "PositionalEncoding",
@@ -55,13 +57,9 @@ class Rotary:
     layout: str
 
     def rotate_q(self, q: Tensor) -> Tensor:
-        from poslab.pe.functional import apply_rope
-
         return apply_rope(q, self.cos_q, self.sin_q, self.layout)
 
     def rotate_k(self, k: Tensor) -> Tensor:
-        from poslab.pe.functional import apply_rope
-
         return apply_rope(k, self.cos_k, self.sin_k, self.layout)
 
 
