@@ -124,14 +124,18 @@ class ResultStore:
 
     def records(self, sweep: str | None = None, run_ids: list[str] | None = None) -> list[dict[str, Any]]:
         """Records of finished runs (optionally one sweep's, or the given ids)."""
-        query, args = "SELECT run_id, record FROM runs WHERE status = 'done'", []
+        query, args = "SELECT record FROM runs WHERE status = 'done'", []
         if sweep is not None:
             query += " AND sweep = ?"
             args.append(sweep)
+        if run_ids is not None:
+            if not run_ids:
+                return []
+            query += f" AND run_id IN ({', '.join('?' * len(run_ids))})"
+            args.extend(run_ids)
         with self._connect() as con:
             rows = con.execute(query + " ORDER BY task, pe, seed", args).fetchall()
-        wanted = set(run_ids) if run_ids is not None else None
-        return [json.loads(rec) for rid, rec in rows if wanted is None or rid in wanted]
+        return [json.loads(rec) for (rec,) in rows]
 
     def counts(self) -> dict[str, int]:
         with self._connect() as con:

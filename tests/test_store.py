@@ -19,3 +19,4 @@ def test_lifecycle_and_no_duplicates(tmp_path):
     store.fail("b", {**CFG, "seed": 1}, "boom")
     assert store.counts() == {"done": 1, "failed": 1}
     assert store.records(sweep="other") == [] and store.records(run_ids=["a"]) == [{"x": 1}]
+    assert store.records(run_ids=["b"]) == [] and store.records(run_ids=[]) == []

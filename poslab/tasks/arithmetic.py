@@ -73,11 +73,9 @@ class _Math(Task):
         return Vocabulary([*WORDS, *PUNCT, *DIGITS, *SYM], mode="piece")
 
     def extract_answer(self, text: str):
-        raise NotImplementedError
-
-    def answer(self, example: Example):
-        """The gold answer value (what :meth:`extract_answer` must recover)."""
-        return self.extract_answer(example.target)
+        """The integer after the last ``The answer is`` (spaces removed); None if there is none."""
+        found = answer_is(text)
+        return None if found is None else unspaced(found)
 
     def _make(self, prompt: str, length: int, **meta) -> Example:
         ex = Example(prompt, "", length, meta)
@@ -102,10 +100,6 @@ class Addition(_Math):
     def solve(self, example):
         return f"The answer is {spaced(example.meta['a'] + example.meta['b'])}."
 
-    def extract_answer(self, text):
-        found = answer_is(text)
-        return None if found is None else unspaced(found)
-
 
 @register_task("poly")
 class Polynomial(_Math):
@@ -122,46 +116,56 @@ class Polynomial(_Math):
         x = example.meta["x"]
         return f"The answer is {sum(c * x**e for c, e in example.meta['terms']) % 10}."
 
-    def extract_answer(self, text):
-        found = answer_is(text)
-        return None if found is None else unspaced(found)
 
+class _Sort(_Math):
+    """Sorting: ``l`` items drawn i.i.d. from ``[low, high)``, written with ``show``."""
 
-@register_task("sort_sngd")
-class SortSingle(_Math):
-    description = "sort l single-token items"
     unit = "items"
+    low, high = 0, 0
+
+    def show(self, item: int) -> str:
+        raise NotImplementedError
+
+    def parse(self, text: str):
+        raise NotImplementedError
 
     def sample(self, length, rng, index, bin_size):
-        items = [int(i) for i in rng.integers(0, 50, size=length)]
-        return self._make(f"Sort the following list [ {', '.join(SYM[i] for i in items)} ]. ", length, items=items)
+        items = [int(i) for i in rng.integers(self.low, self.high, size=length)]
+        return self._make(f"Sort the following list [ {', '.join(map(self.show, items))} ]. ", length, items=items)
 
     def solve(self, example):
-        return f"The sorted list is [ {', '.join(SYM[i] for i in sorted(example.meta['items']))} ]."
-
-    def extract_answer(self, text):
-        m = re.search(r"The sorted list is \[(.*)\]", text)
-        return None if m is None else [s.strip() for s in m.group(1).split(",")]
-
-
-@register_task("sort_mltd")
-class SortMulti(_Math):
-    description = "sort l multi-digit numbers"
-    unit = "items"
-
-    def sample(self, length, rng, index, bin_size):
-        items = [int(i) for i in rng.integers(10, 10000, size=length)]
-        return self._make(f"Sort the following list [ {', '.join(spaced(i) for i in items)} ]. ", length, items=items)
-
-    def solve(self, example):
-        return f"The sorted list is [ {', '.join(spaced(i) for i in sorted(example.meta['items']))} ]."
+        return f"The sorted list is [ {', '.join(map(self.show, sorted(example.meta['items'])))} ]."
 
     def extract_answer(self, text):
         m = re.search(r"The sorted list is \[(.*)\]", text)
         if m is None:
             return None
-        values = [unspaced(s) for s in m.group(1).split(",")]
+        values = [self.parse(s.strip()) for s in m.group(1).split(",")]
         return None if any(v is None for v in values) else values
+
+
+@register_task("sort_sngd")
+class SortSingle(_Sort):
+    description = "sort l single-token items"
+    low, high = 0, 50  # SYM[0..49], ordered by index
+
+    def show(self, item):
+        return SYM[item]
+
+    def parse(self, text):
+        return text
+
+
+@register_task("sort_mltd")
+class SortMulti(_Sort):
+    description = "sort l multi-digit numbers"
+    low, high = 10, 10000  # the code's [10, 10000), not the paper's U(0, 10000)
+
+    def show(self, item):
+        return spaced(item)
+
+    def parse(self, text):
+        return unspaced(text)
 
 
 @register_task("sum")
@@ -175,10 +179,6 @@ class Summation(_Math):
 
     def solve(self, example):
         return f"The answer is {sum(example.meta['values']) % 10} ."
-
-    def extract_answer(self, text):
-        found = answer_is(text)
-        return None if found is None else unspaced(found)
 
 
 @register_task("parity")

@@ -15,9 +15,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from poslab.tasks.arithmetic import spaced
+from poslab.tasks.arithmetic import SortMulti, SortSingle, spaced
 from poslab.tasks.base import Example, Task
-from poslab.tasks.kazemnejad import SYM
 from poslab.tasks.vocab import Vocabulary
 
 __all__ = ["parse_flags", "render", "ScratchpadTask", "SUPPORTED", "scratchpad_steps"]
@@ -208,8 +207,8 @@ SUPPORTED: dict[str, tuple[Callable[[dict], list[Step]], bool]] = {
     "parity": (_parity, True),
     "sum": (_summation, True),
     "poly": (_polynomial, True),
-    "sort_sngd": (lambda m: _selection_sort(m["items"], lambda i: SYM[i]), False),
-    "sort_mltd": (lambda m: _selection_sort(m["items"], spaced), False),
+    "sort_sngd": (lambda m: _selection_sort(m["items"], SortSingle().show), False),
+    "sort_mltd": (lambda m: _selection_sort(m["items"], SortMulti().show), False),
     "lego": (_lego, False),
     "lego_perm": (_lego, False),
 }
