@@ -151,3 +151,36 @@ def test_every_run_flag_reaches_the_config(tmp_path, capsys):
     ) == ("addition", "alibi", (1, 3), (1, 6), 7, 3, 5, 0.002, 24, 3, 3, "i0_c1_o1_v0_r0", {"causal": True})
     assert main(["run", "--task", "copy", "--scratchpad", "i1_c1_o1_v1_r1", "--db", str(tmp_path / "r.sqlite")]) == 2
     assert "has no scratchpad" in capsys.readouterr().err
+
+
+def test_report_command_writes_table_plots_and_page(tmp_path, capsys):
+    db = str(tmp_path / "r.sqlite")
+    base = [
+        "run",
+        "--task",
+        "copy",
+        "--train-length",
+        "1:3",
+        "--test-length",
+        "1:5",
+        "--steps",
+        "3",
+        "--db",
+        db,
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--no-progress",
+        *SMALL,
+    ]
+    assert main([*base, "--pe", "nope"]) == 0 and main([*base, "--pe", "alibi"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--db", db, "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "| copy_rsc | alibi |" in out and "| copy_rsc | nope |" in out
+    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"report.md", "report.html", "copy_rsc.png"}
+    try:
+        main(["report", "--db", str(tmp_path / "missing.sqlite")])
+    except SystemExit as exc:
+        assert "no results database" in str(exc)
+    else:
+        raise AssertionError("a missing database must be refused")
