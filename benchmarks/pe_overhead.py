@@ -36,6 +36,7 @@ XT_EQUIVALENT = {
     "xpos": {"use_abs_pos_emb": False, "rotary_pos_emb": True, "rotary_xpos": True, "rotary_emb_dim": "head"},
     "alibi": {"use_abs_pos_emb": False, "alibi_pos_bias": True},
     "t5": {"use_abs_pos_emb": False, "rel_pos_bias": True},
+    "cope": {"use_abs_pos_emb": False, "attn_use_cope": True, "attn_cope_max_pos": 64},
 }
 # Targets (training-step time over NoPE at T = 1024); the JSON says whether each is met.
 TARGETS = {
@@ -47,9 +48,11 @@ TARGETS = {
     "fire": 1.4,
     "sandwich": 1.4,
     "dynamic_bias": 1.4,
+    "cope": 3.0,
+    "path": 3.0,
 }
-# x-transformers refuses attn_flash with its T5 bias; those use its default attention.
-XT_NO_FLASH = {"t5"}
+# x-transformers refuses attn_flash with its T5 bias and CoPE; those use its default attention.
+XT_NO_FLASH = {"t5", "cope"}
 
 
 def poslab_model(pe: str, length: int, args) -> torch.nn.Module:

@@ -7,6 +7,7 @@ Pre-LN blocks; the model builds one positional encoding, computes its per-forwar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from poslab import pe as pe_lib
 from poslab.attention import BACKENDS, attention
-from poslab.pe.base import AttentionBias, PositionalEncoding, Rotary, Site
+from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Rotary, Site
 
 __all__ = ["TransformerConfig", "Transformer", "KVCache"]
 
@@ -103,6 +104,7 @@ class KVCache:
     def __init__(self, num_layers: int) -> None:
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
+        self.states: list[dict] = [{} for _ in range(num_layers)]  # content-dependent encodings
         self.positions: Tensor | None = None  # (B or 1, Tk)
         self.contiguous = True  # ids so far were 0..Tk-1 in every row
 
@@ -150,6 +152,7 @@ class SelfAttention(nn.Module):
         bias: AttentionBias | None,
         cache: KVCache | None,
         layer: int,
+        content: tuple[PositionalEncoding, AttentionContext] | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
@@ -162,7 +165,12 @@ class SelfAttention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = attention(q, k, v, causal=self.config.causal, bias=bias, backend=self.config.attention_backend)
+        if content is not None:  # the encoding computes attention from q, k, v and the input
+            encoding, ctx = content
+            state = cache.states[layer] if cache is not None else None
+            y = encoding.attend(q, k, v, dataclasses.replace(ctx, x=x, layer=layer, state=state))
+        else:
+            y = attention(q, k, v, causal=self.config.causal, bias=bias, backend=self.config.attention_backend)
         return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d_model)
 
 
@@ -177,8 +185,8 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, bias, cache, layer):
-        x = x + self.drop(self.attn(self.norm1(x), rotary, bias, cache, layer))
+    def forward(self, x, rotary, bias, cache, layer, content=None):
+        x = x + self.drop(self.attn(self.norm1(x), rotary, bias, cache, layer, content))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -262,17 +270,28 @@ class Transformer(nn.Module):
         x = self.tok_emb(input_ids)  # (B, T, d)
         if Site.INPUT in sites:
             x = x * self.pe.token_scale() + self.pe.input_embedding(position_ids).to(x.dtype)
-        rotary = self.pe.rotary(position_ids, x.dtype) if Site.QK in sites else None
-        bias = None
-        if Site.LOGITS in sites:
-            pos_k = position_ids if cache is None else self._key_positions(cache, position_ids)
+        rotary = None
+        if Site.QK in sites and not self.pe.content_dependent:  # content ones transform q/k in attend
+            rotary = self.pe.rotary(position_ids, x.dtype)
+        bias = content = None
+        pos_k = position_ids if cache is None else self._key_positions(cache, position_ids)
+        if self.pe.content_dependent:
+            ctx = AttentionContext(
+                pos_q=position_ids,
+                pos_k=pos_k,
+                contiguous=contiguous,
+                causal=self.config.causal,
+                backend=self.config.attention_backend,
+            )
+            content = (self.pe, ctx)
+        elif Site.LOGITS in sites:
             bias = self.pe.logits_bias(position_ids, pos_k, contiguous=contiguous, causal=self.config.causal)
         if cache is not None:
             cache.positions = self._key_positions(cache, position_ids)
             cache.contiguous = contiguous
         for layer, block in enumerate(self.blocks):
             layer_bias = bias[layer] if isinstance(bias, list) else bias  # per-layer parameter sets
-            x = block(x, rotary, layer_bias, cache, layer)
+            x = block(x, rotary, layer_bias, cache, layer, content)
         return self.head(self.norm(x))
 
     @staticmethod

@@ -3,9 +3,10 @@
 ``poslab.pe.build(name, **params)`` makes an encoding; ``poslab.pe.names()`` lists them.
 """
 
-from poslab.pe import absolute, bias, functional, rotary  # noqa: F401  (registers encodings)
+from poslab.pe import absolute, bias, contextual, functional, rotary  # noqa: F401  (registers encodings)
 from poslab.pe.base import (
     AttentionBias,
+    AttentionContext,
     PositionalEncoding,
     Rotary,
     Site,
@@ -19,6 +20,7 @@ from poslab.pe.base import (
 
 __all__ = [
     "AttentionBias",
+    "AttentionContext",
     "PositionalEncoding",
     "Rotary",
     "Site",

@@ -27,6 +27,7 @@ class NoPE(PositionalEncoding):
     )
     sites = frozenset()
     relative = True
+    uses_position_ids = False
 
     def __init__(self) -> None:
         super().__init__()

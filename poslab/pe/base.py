@@ -26,6 +26,7 @@ __all__ = [
     "PositionalEncoding",
     "Rotary",
     "AttentionBias",
+    "AttentionContext",
     "register",
     "build",
     "names",
@@ -90,6 +91,34 @@ class AttentionBias:
         return self.dense.requires_grad
 
 
+@dataclass
+class AttentionContext:
+    """What a content-dependent encoding sees in one attention layer (see
+    :meth:`PositionalEncoding.attend`).
+
+    Attributes:
+        pos_q: ``(B or 1, Tq)`` query ids; the queries are the last ``Tq`` of the keys.
+        pos_k: ``(B or 1, Tk)`` key ids (cached keys first).
+        contiguous: the ids are ``start + arange`` in every row (see ``logits_bias``).
+        causal: the model's attention direction.
+        backend: the model's attention backend (``"auto"``, ``"sdpa"``, ``"explicit"``).
+        x: ``(B, Tq, d_model)``, the layer's normalized input (encodings whose transform
+            is computed from the tokens, such as PaTH).
+        layer: the layer index, for per-layer parameters.
+        state: a per-layer dict kept in the KV cache across decoding steps, or ``None``
+            without a cache. An encoding stores there whatever incremental decoding needs.
+    """
+
+    pos_q: Tensor
+    pos_k: Tensor
+    contiguous: bool
+    causal: bool
+    backend: str = "auto"
+    x: Tensor | None = None
+    layer: int = 0
+    state: dict | None = None
+
+
 class PositionalEncoding(nn.Module):
     """Base class of every encoding.
 
@@ -100,11 +129,19 @@ class PositionalEncoding(nn.Module):
     - ``Site.LOGITS``: :meth:`relative_bias` ``delta -> (..., H)`` for a bias that is a
       function of ``delta = pos_q - pos_k`` only, or override :meth:`logits_bias`.
 
+    An encoding whose logits term depends on the queries or keys themselves (Shaw, CoPE,
+    PaTH) sets ``content_dependent = True`` and implements :meth:`attend`, which computes
+    the attention of one layer; the model then calls it instead of
+    :func:`poslab.attention.attention` (the "explicit path" of DESIGN.md).
+
     Class attributes:
         name: registry name.
         paper: "Title, First author, year, arXiv id".
         relative: logits are invariant to shifting all ids by a constant.
         integer_positions: the encoding looks up a table and needs integer ids.
+        content_dependent: the encoding computes attention itself (:meth:`attend`).
+        uses_position_ids: ``False`` when ids never matter (NoPE; CoPE counts from content).
+        causal_only: defined for decoders only; building it for an encoder is an error.
     """
 
     name: ClassVar[str] = ""
@@ -112,6 +149,9 @@ class PositionalEncoding(nn.Module):
     sites: ClassVar[frozenset[Site]] = frozenset()
     relative: ClassVar[bool] = False
     integer_positions: ClassVar[bool] = False
+    content_dependent: ClassVar[bool] = False
+    uses_position_ids: ClassVar[bool] = True
+    causal_only: ClassVar[bool] = False
     layer_sets: int = 1  # parameter sets, one per layer when > 1 (see logits_bias)
     current_layer: int = 0
 
@@ -178,6 +218,20 @@ class PositionalEncoding(nn.Module):
             return AttentionBias(dense=dense)
         delta = pos_q[:, :, None] - pos_k[:, None, :]  # (B, Tq, Tk)
         return AttentionBias(dense=self.relative_bias(delta).permute(0, 3, 1, 2))
+
+    # ----------------------------------------------------------------- content-dependent
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """Attention of one layer for a content-dependent encoding.
+
+        Args:
+            q: ``(B, H, Tq, D)`` queries (after any rotation).
+            k, v: ``(B, H, Tk, D)`` keys and values, cached ones first.
+            ctx: ids, direction, layer input and decoding state.
+
+        Returns:
+            ``(B, H, Tq, D)`` in ``q.dtype``.
+        """
+        raise NotImplementedError(f"{self.name} is not content-dependent")
 
     # ----------------------------------------------------------------- bookkeeping
     def extra_repr(self) -> str:

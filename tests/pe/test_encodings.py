@@ -34,7 +34,7 @@ def test_absolute_encodings_do_see_a_shift(name):
     assert not torch.allclose(model(x, position_ids=pos), model(x, position_ids=pos + 17))
 
 
-@pytest.mark.parametrize("name", [n for n in RELATIVE if n != "nope"])
+@pytest.mark.parametrize("name", [n for n in RELATIVE if pe.get(n).uses_position_ids])
 def test_relative_encodings_do_see_the_order(name):
     """Shift-invariance must not come from ignoring positions: distorting distances matters."""
     model = _model(name)
@@ -43,8 +43,9 @@ def test_relative_encodings_do_see_the_order(name):
     assert not torch.allclose(model(x, position_ids=pos), model(x, position_ids=pos * 7))
 
 
-def test_nope_ignores_ids_entirely():
-    model = _model("nope")
+@pytest.mark.parametrize("name", [n for n in pe.names() if not pe.get(n).uses_position_ids])
+def test_encodings_without_ids_ignore_them_entirely(name):
+    model = _model(name)
     x = torch.randint(0, 40, (1, 12))
     torch.testing.assert_close(model(x, position_ids=torch.randperm(12)), model(x))
 

@@ -1,0 +1,553 @@
+"""Encodings whose logits term depends on the queries or keys themselves: Shaw relative
+representations (and the Music Transformer form with skewing), CoPE and PaTH.
+
+They set ``content_dependent = True`` and compute one layer's attention in :meth:`attend`
+(DESIGN.md: "a bias that depends on content -> the explicit path").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from poslab.attention import attention, causal_mask
+from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Site, register
+
+__all__ = [
+    "ShawRelative",
+    "MusicTransformerRelative",
+    "CoPE",
+    "PaTH",
+    "skew_relative_logits",
+    "path_logits_reference",
+    "path_logits_chunked",
+]
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def skew_relative_logits(m: Tensor, causal: bool) -> Tensor:
+    """Music Transformer "skewing": relative logits indexed by offset -> by key.
+
+    Args:
+        m: ``(..., T, C)`` with ``m[..., i, c]`` the logit of query ``i`` at offset
+            ``j - i = c - (T - 1)``: ``C = T`` offsets ``-(T-1) .. 0`` when ``causal``,
+            ``C = 2T - 1`` offsets ``-(T-1) .. T-1`` otherwise.
+        causal: which layout ``m`` has.
+
+    Returns:
+        ``(..., T, T)`` with entry ``(i, j) = m[..., i, j - i + T - 1]``; when ``causal``
+        the entries above the diagonal are meaningless and must be masked.
+
+    One zero column is padded on the left and the result is read as a strided view of it:
+    no ``T x T x D`` tensor and no index tensor (Huang 2018, section 3.4.1).
+    """
+    t = m.shape[-2]
+    lead = m.shape[:-2]
+    padded = F.pad(m, (1, 0))  # (..., T, C + 1)
+    if causal:
+        if m.shape[-1] != t:
+            raise ValueError(f"causal skewing needs T = {t} offset columns, got {m.shape[-1]}")
+        # row-major (T, T+1) read as (T+1, T), first row dropped: (i, j) -> m[i, T-1-(i-j)]
+        return padded.reshape(*lead, t + 1, t)[..., 1:, :]
+    if m.shape[-1] != 2 * t - 1:
+        raise ValueError(f"bidirectional skewing needs 2T - 1 = {2 * t - 1} offset columns, got {m.shape[-1]}")
+    # flat index of padded (i, j - i + T) is T + i (2T - 1) + j
+    flat = padded.reshape(*lead, 2 * t * t)[..., t:]
+    return flat.reshape(*lead, t, 2 * t - 1)[..., :t]
+
+
+@register("shaw")
+class ShawRelative(PositionalEncoding):
+    """Relative position representations with clipped distances, key and value terms.
+
+    *Self-Attention with Relative Position Representations*, Shaw, 2018, arXiv 1803.02155::
+
+        r(i, j)  = clip(pos_k[j] - pos_q[i], -K, K) + K       (key minus query)
+        logit_ij = (q_i . k_j + q_i . A_K[r(i, j)]) / sqrt(D)
+        out_i    = sum_j a_ij (v_j + A_V[r(i, j)])
+
+    The key term never builds a ``T x T x D`` tensor: on contiguous ids it is the Music
+    Transformer skew of ``Q E^T`` (``E`` = the table rows of the ``T`` or ``2T - 1``
+    offsets); otherwise ``Q A_K^T`` gathered by ``r``. The value term scatters the
+    attention weights into the ``2K + 1`` buckets and multiplies by ``A_V``. Without a
+    value term the key term is a learned dense bias on the flash path.
+
+    Args:
+        num_heads, head_dim, num_layers, causal: model dimensions (given by the model).
+        max_distance: clipping distance ``K`` (16 in the paper's main models; UNVERIFIED).
+        key_term, value_term: which terms to use (at least one).
+        per_head: one table per head (the paper shares the tables across heads).
+        per_layer: one table pair per layer (the paper) or one for the whole model.
+        skew: use skewing on contiguous ids (``False``: always gather; same result).
+        init_std: tables start ``N(0, init_std^2)`` (paper init UNVERIFIED).
+        query_block: without gradients (evaluation, decoding) queries are processed in
+            blocks of this many rows, so memory grows linearly with the length.
+    """
+
+    paper = "Self-Attention with Relative Position Representations, Shaw, 2018, arXiv 1803.02155"
+    sites = frozenset({Site.LOGITS})
+    relative = True
+    integer_positions = True
+    content_dependent = True
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        num_layers: int = 1,
+        causal: bool = True,
+        max_distance: int = 16,
+        key_term: bool = True,
+        value_term: bool = True,
+        per_head: bool = False,
+        per_layer: bool = True,
+        skew: bool = True,
+        init_std: float = 0.02,
+        query_block: int = 256,
+    ) -> None:
+        super().__init__()
+        if isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 1:
+            raise ValueError(f"{self.name}: query_block must be an integer >= 1, got {query_block!r}")
+        if isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance < 1:
+            raise ValueError(f"{self.name}: max_distance must be an integer >= 1, got {max_distance!r}")
+        if not (key_term or value_term):
+            raise ValueError(f"{self.name}: key_term and value_term are both False; enable at least one")
+        if init_std < 0:
+            raise ValueError(f"{self.name}: init_std must be >= 0, got {init_std}")
+        self.num_heads, self.head_dim, self.max_distance = num_heads, head_dim, max_distance
+        self.causal, self.skew, self.init_std, self.query_block = causal, skew, init_std, query_block
+        self.layer_sets = num_layers if per_layer else 1
+        shape = (self.layer_sets, num_heads if per_head else 1, 2 * max_distance + 1, head_dim)
+        self.key_table = nn.Parameter(torch.empty(shape)) if key_term else None
+        self.value_table = nn.Parameter(torch.empty(shape)) if value_term else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for table in (self.key_table, self.value_table):
+            if table is not None:
+                nn.init.normal_(table, std=self.init_std)
+
+    def buckets(self, pos_q: Tensor, pos_k: Tensor) -> Tensor:
+        """``r(i, j)`` ``(B or 1, Tq, Tk)`` in ``0 .. 2K``."""
+        if pos_q.is_floating_point() or pos_k.is_floating_point():
+            raise TypeError(f"{self.name} looks up a table by distance and needs integer position ids")
+        delta = pos_k[:, None, :] - pos_q[:, :, None]
+        return delta.clamp(-self.max_distance, self.max_distance) + self.max_distance
+
+    def relative_key_logits(self, q: Tensor, ctx: AttentionContext, tk: int) -> Tensor:
+        """``q_i . A_K[r(i, j)]`` ``(B, H, Tq, Tk)`` (unscaled) in ``q``'s dtype."""
+        table = self.key_table[ctx.layer if self.layer_sets > 1 else 0].to(q.dtype)  # (1|H, 2K+1, D)
+        tq = q.shape[-2]
+        if self.skew and ctx.contiguous and tq == tk and tq > 1:
+            offsets = torch.arange(-(tq - 1), 1 if ctx.causal else tq, device=q.device)
+            rows = offsets.clamp(-self.max_distance, self.max_distance) + self.max_distance
+            m = torch.matmul(q, table[:, rows].transpose(-1, -2))  # (B, H, T, T or 2T-1)
+            return skew_relative_logits(m, ctx.causal)
+        r = self.buckets(ctx.pos_q, ctx.pos_k)
+        lo, hi = int(r.min()), int(r.max())  # only the table rows these pairs use
+        scores = torch.matmul(q, table[:, lo : hi + 1].transpose(-1, -2))  # (B, H, Tq, hi - lo + 1)
+        return scores.gather(-1, (r - lo)[:, None].expand(scores.shape[0], scores.shape[1], tq, tk))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        tq, tk = q.shape[-2], k.shape[-2]
+        needs_grad = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if needs_grad or tq <= self.query_block:
+            return self._attend(q, k, v, ctx, first=tk - tq)
+        # inference: query blocks, so the relative logits never exist for all T x T at once
+        # (memory linear in T for a fixed block).
+        outs = []
+        for s in range(0, tq, self.query_block):
+            e = min(s + self.query_block, tq)
+            rows = dataclasses.replace(ctx, pos_q=ctx.pos_q[:, s:e], contiguous=False)
+            outs.append(self._attend(q[..., s:e, :], k, v, rows, first=tk - tq + s))
+        return torch.cat(outs, -2)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, first: int) -> Tensor:
+        """Attention of queries that sit at key indices ``first .. first + Tq - 1``."""
+        b, h, tq, d = q.shape
+        tk = k.shape[-2]
+        scale = 1.0 / math.sqrt(d)
+        work = _work_dtype(q)
+        rel = None
+        if self.key_table is not None:
+            rel = self.relative_key_logits(q.to(work), ctx, tk) * scale
+        visible = torch.arange(tk, device=q.device)[None, :] <= first + torch.arange(tq, device=q.device)[:, None]
+        if self.value_table is None and ctx.backend != "explicit":
+            if first == tk - tq:  # the usual layout: the fast paths of poslab.attention
+                return attention(q, k, v, causal=ctx.causal, bias=AttentionBias(dense=rel), backend=ctx.backend)
+            mask = rel.to(q.dtype)
+            if ctx.causal:
+                mask = mask.masked_fill(~visible, float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        logits = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+        if rel is not None:
+            logits = logits + rel
+        if ctx.causal:
+            logits = logits.masked_fill(~visible, float("-inf"))
+        probs = logits.softmax(-1)
+        out = torch.matmul(probs, v.to(work))
+        if self.value_table is not None:
+            r = self.buckets(ctx.pos_q, ctx.pos_k)[:, None].expand(b, h, tq, tk)
+            weights = torch.zeros(b, h, tq, 2 * self.max_distance + 1, dtype=work, device=q.device)
+            weights = weights.scatter_add(-1, r, probs)  # attention mass per clipped distance
+            table = self.value_table[ctx.layer if self.layer_sets > 1 else 0].to(work)
+            out = out + torch.matmul(weights, table)
+        return out.to(q.dtype)
+
+    def extra_repr(self) -> str:
+        terms = [n for n, t in (("key", self.key_table), ("value", self.value_table)) if t is not None]
+        return f"max_distance={self.max_distance}, terms={terms}, layer_sets={self.layer_sets}"
+
+
+@register("music_transformer")
+class MusicTransformerRelative(ShawRelative):
+    """Music Transformer relative attention: a key term only, one table per head, distances
+    unclipped up to the model's maximum length, computed with skewing.
+
+    *Music Transformer*, Huang (Cheng-Zhi Anna), 2018, arXiv 1809.04281. This is
+    :class:`ShawRelative` with ``value_term=False``, ``per_head=True`` and
+    ``max_distance = max_len - 1``; distances beyond it share the last row (the paper
+    stops at ``L_max``). Per-head tables follow the paper's text (UNVERIFIED).
+    """
+
+    paper = "Music Transformer, Huang (Cheng-Zhi Anna), 2018, arXiv 1809.04281"
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        num_layers: int = 1,
+        causal: bool = True,
+        max_len: int = 2048,
+        per_layer: bool = True,
+        skew: bool = True,
+        init_std: float = 0.02,
+        query_block: int = 256,
+    ) -> None:
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"{self.name}: max_len must be an integer >= 2, got {max_len!r}")
+        super().__init__(
+            num_heads=num_heads,
+            head_dim=head_dim,
+            num_layers=num_layers,
+            causal=causal,
+            max_distance=max_len - 1,
+            key_term=True,
+            value_term=False,
+            per_head=True,
+            per_layer=per_layer,
+            skew=skew,
+            init_std=init_std,
+            query_block=query_block,
+        )
+
+
+@register("cope")
+class CoPE(PositionalEncoding):
+    """Contextual position encoding: positions count the gated tokens between key and query.
+
+    *Contextual Position Encoding: Learning to Count What's Important*, Golovneva, 2024,
+    arXiv 2405.18719 (the module of its appendix)::
+
+        l_ij = q_i . k_j / sqrt(D)  (future keys -inf)      g_ij = sigmoid(l_ij)
+        p_ij = min(sum_{t=j..i} g_it, P_max - 1)            z_i[n] = q_i . e[n]
+        logits = l_ij + (p - floor p) z_i[ceil p] + (1 - p + floor p) z_i[floor p]
+
+    Causal only; position ids are not used. ``e`` starts at zero (CoPE then equals NoPE).
+
+    Args:
+        num_heads, head_dim, num_layers, causal: model dimensions (given by the model).
+        max_pos: ``P_max``, the largest counted position + 1 (paper value UNVERIFIED;
+            x-transformers exposes it as ``attn_cope_max_pos``).
+        per_head: one ``e`` per head (x-transformers shares one across heads; UNVERIFIED).
+        per_layer: one ``e`` per layer, as each attention layer of the paper has its own.
+        init_std: ``0`` (default) starts at zero; otherwise ``N(0, init_std^2)``.
+    """
+
+    paper = "Contextual Position Encoding: Learning to Count What's Important, Golovneva, 2024, arXiv 2405.18719"
+    sites = frozenset({Site.LOGITS})
+    relative = True  # ids are never read, so a shift cannot change anything
+    uses_position_ids = False
+    content_dependent = True
+    causal_only = True
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        num_layers: int = 1,
+        causal: bool = True,
+        max_pos: int = 64,
+        per_head: bool = False,
+        per_layer: bool = True,
+        init_std: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not causal:
+            raise ValueError(f"{self.name} is defined for causal attention only (causal=False was given)")
+        if isinstance(max_pos, bool) or not isinstance(max_pos, int) or max_pos < 2:
+            raise ValueError(f"{self.name}: max_pos must be an integer >= 2, got {max_pos!r}")
+        if init_std < 0:
+            raise ValueError(f"{self.name}: init_std must be >= 0, got {init_std}")
+        self.max_pos, self.init_std = max_pos, init_std
+        self.layer_sets = num_layers if per_layer else 1
+        self.pos_emb = nn.Parameter(torch.empty(self.layer_sets, num_heads if per_head else 1, max_pos, head_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.pos_emb, std=self.init_std) if self.init_std > 0 else nn.init.zeros_(self.pos_emb)
+
+    def positions(self, logits: Tensor) -> Tensor:
+        """Contextual positions ``p_ij`` from masked logits ``(..., Tq, Tk)`` (``-inf`` = masked)."""
+        gates = torch.sigmoid(logits)
+        return gates.flip(-1).cumsum(-1).flip(-1).clamp(max=self.max_pos - 1)
+
+    def interpolated_bias(self, q: Tensor, pos: Tensor, layer: int = 0) -> Tensor:
+        """``w z[ceil p] + (1 - w) z[floor p]`` with ``z = q e^T`` ``(B, H, Tq, P_max)``."""
+        emb = self.pos_emb[layer].to(q.dtype)  # (1|H, P, D)
+        z = torch.matmul(q, emb.transpose(-1, -2))  # (B, H, Tq, P)
+        lo = pos.floor()
+        w = pos - lo
+        z_lo = z.gather(-1, lo.long())
+        z_hi = z.gather(-1, pos.ceil().long())
+        return w * z_hi + (1 - w) * z_lo
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        work = _work_dtype(q)
+        qw = q.to(work)
+        logits = torch.matmul(qw, k.to(work).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        tq, tk = logits.shape[-2:]
+        logits = logits.masked_fill(~causal_mask(tq, tk, q.device), float("-inf"))
+        pos = self.positions(logits)
+        logits = logits + self.interpolated_bias(qw, pos, ctx.layer if self.layer_sets > 1 else 0)
+        probs = logits.softmax(-1)
+        return torch.matmul(probs, v.to(work)).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return f"max_pos={self.max_pos}, layer_sets={self.layer_sets}"
+
+
+# ----------------------------------------------------------------------------- PaTH
+def path_logits_reference(q: Tensor, k: Tensor, w: Tensor, beta: Tensor) -> Tensor:
+    """PaTH logits ``q_i^T H_i H_{i-1} ... H_{j+1} k_j`` by the O(T^2 D) loop (the oracle).
+
+    Args:
+        q, k, w: ``(B, H, T, D)``; ``w`` unit vectors.
+        beta: ``(B, H, T)``.
+
+    Returns:
+        ``(B, H, T, T)`` unscaled logits; entries with ``j > i`` are ``-inf``.
+    """
+    b, h, t, _ = q.shape
+    rows = []
+    for i in range(t):
+        u = q[:, :, i]  # (B, H, D)
+        row = [None] * t
+        for j in range(i, -1, -1):
+            row[j] = (u * k[:, :, j]).sum(-1)
+            u = u - beta[:, :, j, None] * (w[:, :, j] * u).sum(-1, keepdim=True) * w[:, :, j]  # u <- H_j u
+        future = torch.full((b, h), float("-inf"), dtype=q.dtype, device=q.device)
+        rows.append(torch.stack([future if r is None else r for r in row], -1))
+    return torch.stack(rows, -2)
+
+
+def path_logits_chunked(
+    q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | None = None, chunk: int = 64
+) -> tuple[Tensor, Tensor]:
+    """PaTH logits in chunks with the compact WY (UT) form of each chunk's Householder product.
+
+    Within a chunk ``s .. e-1`` with rows ``w_a``, ``H_{e-1} ... H_s = I - W^T T W`` where
+    ``T = (I + diag(beta) strictly_lower(W W^T))^{-1} diag(beta)`` is lower triangular, and
+    every sub-product ``H_i ... H_{j+1}`` is the same form with the sub-block of ``T``. So
+
+    - inside a chunk: ``q_i.k_j - [(QW^T * [a <= i]) T (W K^T * [b > j])]_ij``;
+    - across chunks: the query mapped back to its chunk start, ``q~ = Q - (QW^T * [a <= i]) T W``,
+      against earlier keys carried forward to the chunk start;
+    - then earlier keys move on by the chunk's product ``k <- k - W^T T (W k)`` and the
+      chunk's own keys join them, carried to the chunk end.
+
+    Args:
+        q, k, w: ``(B, H, Tq, D)`` new tokens; beta ``(B, H, Tq)``.
+        keys: ``(B, H, Tp, D)`` earlier keys already carried forward to just before the
+            first new token (decoding), or ``None``.
+        chunk: chunk length.
+
+    Returns:
+        ``(logits, keys)``: ``(B, H, Tq, Tp + Tq)`` unscaled logits (``-inf`` in the future)
+        and all ``Tp + Tq`` keys carried forward past the last new token.
+    """
+    b, h, t, d = q.shape
+    if keys is None:
+        keys = q.new_zeros(b, h, 0, d)
+    past = keys.shape[-2]
+    total = past + t
+    blocks = []
+    for s in range(0, t, chunk):
+        e = min(s + chunk, t)
+        c = e - s
+        qc, kc, wc, bc = q[:, :, s:e], k[:, :, s:e], w[:, :, s:e], beta[:, :, s:e]
+        lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [a <= i] as (i, a)
+        strictly_lower = lower.logical_and(~torch.eye(c, dtype=torch.bool, device=q.device))
+        gram = wc @ wc.transpose(-1, -2)  # (B, H, C, C)
+        eye = torch.eye(c, dtype=q.dtype, device=q.device)
+        a_mat = eye + bc[..., :, None] * gram.masked_fill(~strictly_lower, 0.0)
+        tmat = torch.linalg.solve_triangular(a_mat, torch.diag_embed(bc), upper=False, unitriangular=True)
+        qw = (qc @ wc.transpose(-1, -2)).masked_fill(~lower, 0.0)  # (i, a): q_i.w_a, a <= i
+        wk = (wc @ kc.transpose(-1, -2)).masked_fill(~strictly_lower, 0.0)  # (b, j): w_b.k_j, b > j
+        qt = qw @ tmat  # (B, H, C, C)
+        intra = (qc @ kc.transpose(-1, -2) - qt @ wk).masked_fill(~lower, float("-inf"))
+        q_back = qc - qt @ wc  # queries mapped back to the chunk start
+        inter = q_back @ keys.transpose(-1, -2)  # (B, H, C, Tp + s)
+        future = q.new_full((b, h, c, total - past - e), float("-inf"))
+        blocks.append(torch.cat((inter, intra, future), -1))
+        # carry earlier keys through this chunk, then append the chunk's keys carried to its end
+        keys = keys - ((keys @ wc.transpose(-1, -2)) @ tmat.transpose(-1, -2)) @ wc
+        kc_end = kc - (wk.transpose(-1, -2) @ tmat.transpose(-1, -2)) @ wc
+        keys = torch.cat((keys, kc_end), -2)
+    return torch.cat(blocks, -2), keys
+
+
+class _PathCore(nn.Module):
+    """One layer's PaTH parameters: low-rank ``W_w`` with a causal short convolution, ``W_beta``."""
+
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, rank: int, conv: int, forget_gate: bool) -> None:
+        super().__init__()
+        width = num_heads * head_dim
+        self.w_down = nn.Linear(d_model, rank, bias=False)
+        self.w_up = nn.Linear(rank, width, bias=False)
+        self.conv = nn.Conv1d(width, width, conv, groups=width, bias=False)
+        self.beta = nn.Linear(d_model, num_heads)
+        self.forget = nn.Linear(d_model, num_heads) if forget_gate else None
+
+
+@register("path")
+class PaTH(PositionalEncoding):
+    """PaTH: position as the product of data-dependent Householder transforms between tokens.
+
+    *PaTH Attention: Position Encoding via Accumulating Householder Transformations*,
+    Yang (Songlin), 2025, arXiv 2505.16381::
+
+        w_t = l2_normalize(causal_conv(W_w x_t))      beta_t = 2 sigmoid(W_beta x_t + b)
+        H_t = I - beta_t w_t w_t^T
+        logit_ij = q_i^T H_i H_{i-1} ... H_{j+1} k_j / sqrt(D)     (j <= i)
+        optional forget gate (PaTH-FoX): + sum_{s=j+1..i} ln sigmoid(W_f x_s + b_f)
+
+    ``W_w`` is low rank (``d_model -> rank -> H D``, as the reference for multi-head
+    attention) followed by a causal depthwise convolution of width ``conv``. Attention is
+    computed by :func:`path_logits_chunked` (equal to the loop
+    :func:`path_logits_reference`, tested); decoding carries the cached keys forward by
+    each new token's transform, which is the decode form of the reference code.
+
+    Args:
+        d_model, num_heads, head_dim, num_layers, causal: model dimensions (given by the model).
+        rank: inner width of the low-rank ``W_w``.
+        conv: short-convolution width (3 in the reference).
+        forget_gate: add the PaTH-FoX forget gate.
+        chunk: chunk length of the fast path.
+        implementation: ``"chunked"`` (default) or ``"reference"`` (the O(T^2 D) loop; slow).
+    """
+
+    paper = "PaTH Attention: Position Encoding via Accumulating Householder Transformations, Yang (Songlin), 2025, arXiv 2505.16381"
+    sites = frozenset({Site.QK})
+    relative = True  # ids are never read
+    uses_position_ids = False
+    content_dependent = True
+    causal_only = True
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        num_layers: int = 1,
+        causal: bool = True,
+        rank: int = 32,
+        conv: int = 3,
+        forget_gate: bool = False,
+        chunk: int = 64,
+        implementation: str = "chunked",
+    ) -> None:
+        super().__init__()
+        if not causal:
+            raise ValueError(f"{self.name} is defined for causal attention only (causal=False was given)")
+        for field, value in (("rank", rank), ("conv", conv), ("chunk", chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.name}: {field} must be an integer >= 1, got {value!r}")
+        if implementation not in ("chunked", "reference"):
+            raise ValueError(f"{self.name}: implementation must be 'chunked' or 'reference', got {implementation!r}")
+        self.num_heads, self.head_dim, self.conv_width = num_heads, head_dim, conv
+        self.chunk, self.implementation = chunk, implementation
+        self.layer_sets = num_layers
+        self.cores = nn.ModuleList(
+            _PathCore(d_model, num_heads, head_dim, rank, conv, forget_gate) for _ in range(num_layers)
+        )
+
+    def transforms(self, x: Tensor, layer: int = 0, state: dict | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``w`` ``(B, H, T, D)``, ``beta`` ``(B, H, T)`` and the log forget gate ``(B, H, T)``
+        (or ``None``) of the tokens ``x`` ``(B, T, d_model)``; ``state`` holds the last
+        ``conv - 1`` projections of earlier tokens when decoding."""
+        core = self.cores[layer]
+        b, t, _ = x.shape
+        proj = core.w_up(core.w_down(x))  # (B, T, H D)
+        history = proj.new_zeros(b, self.conv_width - 1, proj.shape[-1])
+        if state is not None and "conv" in state:
+            history = state["conv"]
+        padded = torch.cat((history, proj), 1)  # causal: only earlier tokens enter
+        if state is not None:
+            state["conv"] = padded[:, padded.shape[1] - (self.conv_width - 1) :].detach()
+        conv = core.conv(padded.transpose(1, 2)).transpose(1, 2)  # (B, T, H D)
+        w = F.normalize(conv.view(b, t, self.num_heads, self.head_dim).float(), dim=-1, eps=1e-6)
+        beta = 2.0 * torch.sigmoid(core.beta(x).float())
+        log_f = F.logsigmoid(core.forget(x).float()).transpose(1, 2) if core.forget is not None else None
+        return w.transpose(1, 2), beta.transpose(1, 2), log_f
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        if ctx.x is None:
+            raise ValueError(f"{self.name} needs the layer input (AttentionContext.x)")
+        layer = ctx.layer
+        tq, tk = q.shape[-2], k.shape[-2]
+        work = _work_dtype(q)
+        w, beta, log_f = self.transforms(ctx.x, layer, ctx.state)
+        w, beta = w.to(work), beta.to(work)
+        qw, kw = q.to(work), k[..., tk - tq :, :].to(work)
+        state = ctx.state
+        keys = state.get("keys") if state is not None else None
+        if keys is None and tk != tq:
+            raise ValueError(f"{self.name}: {tk - tq} cached keys but no carried keys in the decoding state")
+        if self.implementation == "reference" and keys is None:
+            logits = path_logits_reference(qw, kw, w, beta)
+            carried = None
+        else:
+            logits, carried = path_logits_chunked(qw, kw, w, beta, keys, self.chunk)
+        if state is not None:
+            state["keys"] = carried.detach() if carried is not None else None
+        logits = logits / math.sqrt(q.shape[-1])
+        if log_f is not None:
+            cum = log_f.to(work).cumsum(-1)  # F_t = sum_{s <= t} ln f_s over the new tokens
+            if state is not None:
+                offset = state.get("forget", cum.new_zeros(cum.shape[:-1] + (0,)))
+                base = offset[..., -1:] if offset.shape[-1] else 0.0
+                cum = cum + base
+                state["forget"] = torch.cat((offset, cum.detach()), -1)
+                all_cum = state["forget"]
+            else:
+                all_cum = cum
+            logits = logits + cum[..., :, None] - all_cum[..., None, :]  # sum_{s=j+1..i} ln f_s
+        probs = logits.softmax(-1)  # the future is -inf already
+        return torch.matmul(probs, v.to(work)).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layer_sets}, chunk={self.chunk}, implementation={self.implementation!r}"
