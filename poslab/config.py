@@ -100,7 +100,14 @@ class RunConfig(BaseModel):
             check_supported(self.task, self.scratchpad)
         from poslab import positions
 
-        positions.check_scheme(self.positions, self.positions_params)
+        positions.check_scheme(self.positions, self.positions_params, task.vocabulary())
+        dims, reads = positions.position_dims(self.positions), pe_lib.get(self.pe).position_dims
+        if dims > reads:
+            two_d = ", ".join(n for n in pe_lib.names() if pe_lib.get(n).position_dims == dims)
+            raise ValueError(
+                f"positions={self.positions!r} gives {dims} ids per token but pe={self.pe!r} reads {reads}; "
+                f"encodings that read them: {two_d}"
+            )
         unknown = set(self.pe_params) - set(pe_lib.parameters(self.pe))
         if unknown:
             raise ValueError(

@@ -110,7 +110,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return 0 if self.positions is None else self.positions.shape[-1]
+        return 0 if self.positions is None else self.positions.shape[1]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append this step's ``(B, H_kv, T, D)`` keys/values; return all of them."""
@@ -291,7 +291,8 @@ class Transformer(nn.Module):
             cache.contiguous = contiguous
         for layer, block in enumerate(self.blocks):
             layer_bias = bias[layer] if isinstance(bias, list) else bias  # per-layer parameter sets
-            x = block(x, rotary, layer_bias, cache, layer, content)
+            layer_rotary = rotary[layer] if isinstance(rotary, list) else rotary
+            x = block(x, layer_rotary, layer_bias, cache, layer, content)
         return self.head(self.norm(x))
 
     @staticmethod
@@ -299,17 +300,23 @@ class Transformer(nn.Module):
         if cache.positions is None:
             return position_ids
         old, new = cache.positions, position_ids
+        if old.dim() != new.dim():
+            raise ValueError(
+                f"position_ids of shape {tuple(new.shape)} do not match the cached ids of shape {tuple(old.shape)}"
+            )
         if old.shape[0] != new.shape[0]:
             batch = max(old.shape[0], new.shape[0])
-            old, new = old.expand(batch, -1), new.expand(batch, -1)
-        return torch.cat((old, new), dim=-1)
+            old, new = old.expand(batch, *old.shape[1:]), new.expand(batch, *new.shape[1:])
+        return torch.cat((old, new), dim=1)
 
-    @staticmethod
-    def _check_ids(position_ids: Tensor, b: int, t: int) -> Tensor:
+    def _check_ids(self, position_ids: Tensor, b: int, t: int) -> Tensor:
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
-        if position_ids.dim() != 2 or position_ids.shape[-1] != t or position_ids.shape[0] not in (1, b):
-            raise ValueError(f"position_ids must be (B, T) = ({b}, {t}) or (T,), got shape {tuple(position_ids.shape)}")
+        dims = self.pe.position_dims
+        ok_shape = position_ids.dim() == 2 or (dims > 1 and position_ids.dim() == 3 and position_ids.shape[-1] == dims)
+        if not ok_shape or position_ids.shape[1] != t or position_ids.shape[0] not in (1, b):
+            allowed = f"(B, T) = ({b}, {t}) or (T,)" + (f" or (B, T, {dims})" if dims > 1 else "")
+            raise ValueError(f"position_ids must be {allowed}, got shape {tuple(position_ids.shape)}")
         return position_ids
 
     @torch.no_grad()

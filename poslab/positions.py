@@ -1,8 +1,10 @@
 """Position-id schemes: which index each token gets (the "ids" site).
 
 A scheme maps a batch shape to ``(B, T)`` ids. Every encoding consumes whatever ids it is
-given, so a scheme composes with any encoding. ``contiguous`` is the default; later schemes
-(randomized, skip-wise, coupled, grouped) plug into the same registry.
+given, so a scheme composes with any encoding. ``contiguous`` is the default. Schemes that
+read the tokens (``abacus``, ``coupled``, ``bilevel``) are marked ``needs_tokens`` and get
+the batch's ``tokens`` and the task's ``vocab``; their parameters name tokens as text
+(``"+"``, ``"."``), resolved through the vocabulary.
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from poslab.tasks.vocab import Vocabulary
+
 __all__ = [
     "contiguous",
     "randomized",
+    "abacus",
+    "coupled",
+    "bilevel",
     "register_scheme",
     "scheme",
     "scheme_names",
     "scheme_parameters",
     "check_scheme",
     "table_size",
+    "needs_tokens",
+    "position_dims",
+    "digit_runs",
 ]
 
 IdScheme = Callable[..., Tensor]
@@ -61,10 +71,13 @@ def contiguous(
     device: torch.device | str | None = None,
     training: bool = False,
     generator: torch.Generator | None = None,
+    tokens: Tensor | None = None,
+    vocab: Vocabulary | None = None,
 ) -> Tensor:
     """Ids ``offset, offset + 1, ..., offset + length - 1`` for every row: ``(B, T)`` int64.
 
-    ``training`` and ``generator`` are accepted for a uniform scheme signature; unused.
+    ``training``, ``generator``, ``tokens`` and ``vocab`` are accepted for a uniform scheme
+    signature; unused.
     """
     if length < 0 or batch_size < 1:
         raise ValueError(f"contiguous ids need batch_size >= 1 and length >= 0, got {batch_size}, {length}")
@@ -87,6 +100,8 @@ def randomized(
     device: torch.device | str | None = None,
     training: bool = False,
     generator: torch.Generator | None = None,
+    tokens: Tensor | None = None,
+    vocab: Vocabulary | None = None,
 ) -> Tensor:
     """Randomized positions: a sorted random subset of ``{0, ..., max_len - 1}``.
 
@@ -123,15 +138,225 @@ def randomized(
     return ids.to(device=device) + offset
 
 
+def _token_ids(scheme_name: str, field: str, values, vocab: Vocabulary | None) -> list[int]:
+    """Token ids for ``values`` (token texts, or ids when there is no vocabulary)."""
+    if isinstance(values, (str, int)):
+        values = [values]
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            if vocab is None:
+                raise ValueError(f"{scheme_name}: {field} names token {v!r} but no vocabulary was given")
+            if v not in vocab.stoi:
+                raise ValueError(f"{scheme_name}: {field} token {v!r} is not in the task's vocabulary")
+            out.append(vocab.stoi[v])
+        else:
+            out.append(int(v))
+    return out
+
+
+def _needs_tokens(fn: IdScheme) -> IdScheme:
+    fn.needs_tokens = True
+    return fn
+
+
+def _two_dimensional(fn: IdScheme) -> IdScheme:
+    fn.position_dims = 2
+    return fn
+
+
+def needs_tokens(name: str) -> bool:
+    """The scheme reads the batch's tokens (and the task's vocabulary)."""
+    return getattr(scheme(name), "needs_tokens", False)
+
+
+def position_dims(name: str) -> int:
+    """Ids per token the scheme gives: 1 (``(B, T)``) or 2 (``(B, T, 2)``)."""
+    return getattr(scheme(name), "position_dims", 1)
+
+
+def digit_runs(tokens: Tensor, digit_ids: list[int]) -> Tensor:
+    """1-based index of each token inside its maximal run of digit tokens; 0 elsewhere."""
+    is_digit = torch.isin(tokens, torch.tensor(digit_ids, device=tokens.device))
+    count = is_digit.long().cumsum(-1)
+    reset = torch.where(is_digit, torch.zeros_like(count), count).cummax(-1).values  # count at the last non-digit
+    return (count - reset) * is_digit
+
+
+@register_scheme("abacus")
+@_needs_tokens
+def abacus(
+    batch_size: int,
+    length: int,
+    *,
+    max_offset: int = 100,
+    digits: tuple = tuple("0123456789"),
+    offset: int = 0,
+    device: torch.device | str | None = None,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    tokens: Tensor | None = None,
+    vocab: Vocabulary | None = None,
+) -> Tensor:
+    """Abacus ids: each digit's 1-based index inside its run of consecutive digits; 0 elsewhere.
+
+    *Transformers Can Do Arithmetic with the Right Embeddings*, McLeish, 2024, arXiv
+    2405.17399. With numbers written least significant digit first (``add_revall``) the
+    index is the digit's significance + 1 in every number. In training one offset
+    ``k ~ U{0..max_offset}`` per batch (the reference code) is added to every non-zero id;
+    evaluation uses ``k = 0``. Feed the ids to ``learned`` for the paper's Abacus + NoPE.
+
+    Args:
+        max_offset: ``K`` (100 in the published configuration).
+        digits: the 10 digit tokens (texts, or ids without a vocabulary).
+
+    Returns:
+        ``(B, T)`` int64 ids.
+    """
+    if tokens is None:
+        raise ValueError("abacus ids are computed from the tokens; none were given")
+    if max_offset < 0:
+        raise ValueError(f"abacus: max_offset must be >= 0, got {max_offset}")
+    ids = digit_runs(tokens, _token_ids("abacus", "digits", digits, vocab))
+    if training and max_offset > 0:
+        k = int(torch.randint(0, max_offset + 1, (1,), generator=generator))
+        ids = torch.where(ids > 0, ids + k, ids)
+    return ids.to(device=device)
+
+
+@register_scheme("coupled")
+@_needs_tokens
+def coupled(
+    batch_size: int,
+    length: int,
+    *,
+    max_pos: int = 202,
+    operators: tuple = ("+",),
+    equals: str | int = "=",
+    digits: tuple = tuple("0123456789"),
+    reversed_answer: bool = True,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    tokens: Tensor | None = None,
+    vocab: Vocabulary | None = None,
+) -> Tensor:
+    """Position coupling for addition: digits of equal significance share one id.
+
+    *Position Coupling: Improving Length Generalization of Arithmetic Transformers Using
+    Task Structure*, Cho (Hanseul), 2024, arXiv 2405.20671. For ``a + b = c`` with ``n``
+    the longer operand's digits and start ``s``, ``e = s + n + 1``: a digit of significance
+    ``k`` (in ``a``, ``b`` or the answer) gets ``e - 1 - k``, the operator and ``=`` get
+    ``e``, every other token (``<bos>``, ``<eos>``, padding) 0. Training draws
+    ``s ~ U{1..max_pos - n - 1}`` per example; evaluation uses ``s = 1``. This follows the
+    reference code (``AdditionDatasetWithCoupledPositions``), where ids decrease with
+    significance (tasks.md 4.2 states the opposite direction; only the equalities matter).
+
+    Args:
+        max_pos: ``P``, the largest id (202 in the published run script); a learned table
+            needs ``P + 1`` rows.
+        operators, equals, digits: the tokens of the format (texts, or ids without a vocabulary).
+        reversed_answer: the answer is written least significant digit first.
+
+    Returns:
+        ``(B, T)`` int64 ids.
+    """
+    if tokens is None:
+        raise ValueError("coupled ids are computed from the tokens; none were given")
+    digit_set = set(_token_ids("coupled", "digits", digits, vocab))
+    op_set = set(_token_ids("coupled", "operators", operators, vocab))
+    (eq,) = _token_ids("coupled", "equals", [equals], vocab)
+    rows = tokens.tolist()
+    out = torch.zeros(len(rows), len(rows[0]) if rows else 0, dtype=torch.long)
+    for r, row in enumerate(rows):
+        op = next((i for i, t in enumerate(row) if t in op_set), None)
+        if op is None:
+            continue  # not an arithmetic row: all ids 0
+        eq_at = next((i for i in range(op + 1, len(row)) if row[i] == eq), len(row))
+        a = [i for i in range(op) if row[i] in digit_set]
+        b = [i for i in range(op + 1, eq_at) if row[i] in digit_set]
+        ans = []
+        for i in range(eq_at + 1, len(row)):
+            if row[i] not in digit_set:
+                break
+            ans.append(i)
+        n = max(len(a), len(b), 1)
+        if max_pos - n - 1 < 1:
+            raise ValueError(f"coupled: max_pos={max_pos} is too small for {n}-digit operands (needs >= {n + 2})")
+        s = 1
+        if training:
+            s = int(torch.randint(1, max_pos - n, (1,), generator=generator))
+        end = s + n + 1
+        for number in (a, b):
+            for p, i in enumerate(number):
+                out[r, i] = end - 1 - (len(number) - 1 - p)
+        out[r, op] = end
+        if eq_at < len(row):
+            out[r, eq_at] = end
+        for p, i in enumerate(ans):
+            k = p if reversed_answer else len(ans) - 1 - p
+            out[r, i] = end - 1 - k
+    return out.to(device=device)
+
+
+@register_scheme("bilevel")
+@_needs_tokens
+@_two_dimensional
+def bilevel(
+    batch_size: int,
+    length: int,
+    *,
+    separators: tuple = (".",),
+    max_intra: int = 1024,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    tokens: Tensor | None = None,
+    vocab: Vocabulary | None = None,
+) -> Tensor:
+    """BiPE bilevel ids ``(B, T, 2)``: ``[intra, seg]``.
+
+    *Two Stones Hit One Bird: Bilevel Positional Encoding for Better Length Extrapolation*,
+    He (Zhenyu), 2024, arXiv 2401.16421. ``seg_t`` counts the separators strictly before
+    ``t`` (a separator closes its segment); ``intra_t`` is ``t``'s offset from its segment's
+    first token, clamped to ``max_intra - 1``. Use with ``bipe_rope`` or ``bipe_alibi``.
+
+    Args:
+        separators: tokens that end a segment (texts, or ids without a vocabulary).
+        max_intra: ``L_intra`` (1024 in the reference).
+
+    Returns:
+        ``(B, T, 2)`` int64 ids.
+    """
+    if tokens is None:
+        raise ValueError("bilevel ids are computed from the tokens; none were given")
+    sep = torch.isin(tokens, torch.tensor(_token_ids("bilevel", "separators", separators, vocab), device=tokens.device))
+    seg = torch.cumsum(sep.long(), -1) - sep.long()  # separators strictly before t
+    t = torch.arange(tokens.shape[-1], device=tokens.device).expand_as(tokens)
+    last_sep = torch.where(sep, t, torch.full_like(t, -1)).cummax(-1).values
+    before = torch.cat((torch.full_like(t[..., :1], -1), last_sep[..., :-1]), -1)  # strictly before t
+    intra = (t - before - 1).clamp(max=max_intra - 1)
+    return torch.stack((intra, seg), -1).to(device=device)
+
+
 def scheme_parameters(name: str) -> list[str]:
     """Keyword parameters a user may set for scheme ``name``."""
-    fixed = {"batch_size", "length", "offset", "device", "training", "generator"}
+    fixed = {"batch_size", "length", "offset", "device", "training", "generator", "tokens", "vocab"}
     sig = inspect.signature(scheme(name))
     return [k for k, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY and k not in fixed]
 
 
-def check_scheme(name: str, params: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the scheme, the bad parameter and the valid ones."""
+_TOKEN_FIELDS = {"abacus": ("digits",), "coupled": ("digits", "operators", "equals"), "bilevel": ("separators",)}
+_MINIMUMS = {("abacus", "max_offset"): 0, ("coupled", "max_pos"): 3, ("bilevel", "max_intra"): 1}
+
+
+def check_scheme(name: str, params: dict[str, Any], vocab: Vocabulary | None = None) -> None:
+    """Raise ``ValueError`` naming the scheme, the bad parameter and the valid ones.
+
+    With the task's ``vocab``, token parameters (``separators``, ``digits``, ...) must name
+    tokens of that vocabulary."""
     scheme(name)  # unknown name -> lists the valid ones
     valid = scheme_parameters(name)
     unknown = sorted(set(params) - set(valid))
@@ -139,6 +364,15 @@ def check_scheme(name: str, params: dict[str, Any]) -> None:
         raise ValueError(
             f"unknown parameter(s) {', '.join(unknown)} for id scheme {name!r}; valid: {', '.join(valid) or '(none)'}"
         )
+    for (scheme_name, field), low in _MINIMUMS.items():
+        if scheme_name == name and field in params:
+            value = params[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: {field} must be an integer >= {low}, got {value!r}")
+    if vocab is not None:
+        for field in _TOKEN_FIELDS.get(name, ()):
+            default = inspect.signature(scheme(name)).parameters[field].default
+            _token_ids(name, field, params.get(field, default), vocab)
     if name == "randomized":
         if int(params.get("max_len", 2048)) < 1:
             raise ValueError(f"randomized: max_len must be >= 1, got {params['max_len']}")
@@ -153,4 +387,8 @@ def table_size(name: str, params: dict[str, Any], longest: int) -> int:
     """Positions a table-based encoding must hold under scheme ``name``."""
     if name == "randomized":
         return max(longest, int(params.get("max_len", 2048)))
+    if name == "abacus":  # a digit run is shorter than the sequence; training adds up to K
+        return longest + int(params.get("max_offset", 100)) + 1
+    if name == "coupled":
+        return max(longest, int(params.get("max_pos", 202)) + 1)
     return longest

@@ -70,7 +70,9 @@ def execute(
         result.model,
         splits.test,
         config.eval_batch_size,
-        position_ids=lambda inputs: position_ids(config, inputs, training=False, generator=eval_gen),
+        position_ids=lambda inputs: position_ids(
+            config, inputs, training=False, generator=eval_gen, vocab=splits.vocab
+        ),
     )
     summary = summarize(per_length, config.train_length)
     tail = result.losses[-50:]

@@ -86,13 +86,25 @@ def check_positions(config: RunConfig, longest: int) -> None:
             )
 
 
-def position_ids(config: RunConfig, inputs: Tensor, training: bool, generator: torch.Generator | None = None):
-    """Ids for a batch under ``config.positions``; ``None`` means the model's contiguous default."""
+def position_ids(
+    config: RunConfig,
+    inputs: Tensor,
+    training: bool,
+    generator: torch.Generator | None = None,
+    vocab: Vocabulary | None = None,
+):
+    """Ids for a batch under ``config.positions``; ``None`` means the model's contiguous default.
+
+    Schemes that read the tokens (``abacus``, ``coupled``, ``bilevel``) get ``inputs`` and
+    the task's ``vocab``."""
     if config.positions == "contiguous":
         return None
     scheme = positions.scheme(config.positions)
     b, t = inputs.shape
-    return scheme(b, t, training=training, generator=generator, device=inputs.device, **config.positions_params)
+    extra = {"tokens": inputs, "vocab": vocab} if positions.needs_tokens(config.positions) else {}
+    return scheme(
+        b, t, training=training, generator=generator, device=inputs.device, **extra, **config.positions_params
+    )
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
@@ -212,7 +224,8 @@ def train(
     for step in range(start, config.steps):
         idx = torch.randint(0, n, (config.batch_size,), generator=gen)
         inputs, labels = splits.train.batch(idx)
-        logits = model(inputs, position_ids=position_ids(config, inputs, training=True, generator=gen))
+        ids = position_ids(config, inputs, training=True, generator=gen, vocab=splits.vocab)
+        logits = model(inputs, position_ids=ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
         if not torch.isfinite(loss):
             bar.close()

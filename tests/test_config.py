@@ -24,7 +24,10 @@ def test_defaults_and_aliases_hash_the_same():
         ({"stepz": 3}, r"stepz: Extra inputs"),
         ({"pe": "kerple_log", "pe_params": {"reparam": "exp"}}, r"pe_params .*reparam='exp' is not one of 'clamp'"),
         ({"pe": "p_rope", "pe_params": {"fraction": 1.5}}, r"pe_params .*fraction must be in \[0, 1\], got 1.5"),
-        ({"positions": "bogus"}, r"unknown id scheme 'bogus'; valid schemes: contiguous, randomized"),
+        (
+            {"positions": "bogus"},
+            r"unknown id scheme 'bogus'; valid schemes: abacus, bilevel, contiguous, coupled, randomized",
+        ),
         ({"positions": "randomized", "positions_params": {"L": 3}}, r"unknown parameter\(s\) L .*valid: max_len"),
     ],
 )

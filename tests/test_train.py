@@ -82,8 +82,8 @@ def test_randomized_positions_reach_training_and_evaluation(monkeypatch):
     seen = []
     real = train_mod.position_ids
 
-    def spy(config, inputs, training, generator=None):
-        ids = real(config, inputs, training, generator)
+    def spy(config, inputs, training, generator=None, vocab=None):
+        ids = real(config, inputs, training, generator, vocab)
         seen.append((training, ids))
         return ids
 
@@ -103,3 +103,26 @@ def test_randomized_range_shorter_than_the_data_fails_before_training():
     cfg = RunConfig.create(**{**TINY, "positions": "randomized", "positions_params": {"max_len": 5}})
     with pytest.raises(ValueError, match="max_len=5 is shorter than the longest sequence"):
         train(cfg, progress=False)
+
+
+def test_coupled_ids_reach_training_from_the_tokens(monkeypatch):
+    cfg = RunConfig.create(
+        **{**TINY, "task": "add_padrev", "pe": "learned", "positions": "coupled", "positions_params": {"max_pos": 30}}
+    )
+    seen = []
+    real = train_mod.position_ids
+
+    def spy(config, inputs, training, generator=None, vocab=None):
+        ids = real(config, inputs, training, generator, vocab)
+        seen.append((inputs, ids, vocab))
+        return ids
+
+    monkeypatch.setattr(train_mod, "position_ids", spy)
+    result = train(cfg, progress=False)
+    assert result.model.pe.max_len == 31  # max_pos + 1 rows
+    inputs, ids, vocab = seen[0]
+    plus, equals = vocab.stoi["+"], vocab.stoi["="]
+    for row, row_ids in zip(inputs.tolist(), ids.tolist()):
+        op, eq = row.index(plus), row.index(equals)
+        assert row_ids[op] == row_ids[eq]  # the operator and '=' share the top id
+        assert row_ids[op - 1] == row_ids[eq - 1] == row_ids[eq + 1]  # units digits of a, b and the answer

@@ -142,6 +142,7 @@ class PositionalEncoding(nn.Module):
         content_dependent: the encoding computes attention itself (:meth:`attend`).
         uses_position_ids: ``False`` when ids never matter (NoPE; CoPE counts from content).
         causal_only: defined for decoders only; building it for an encoder is an error.
+        position_dims: ids per token: 1 (``(B, T)`` ids) or more (``(B, T, A)``, e.g. 2-D RoPE).
     """
 
     name: ClassVar[str] = ""
@@ -152,6 +153,7 @@ class PositionalEncoding(nn.Module):
     content_dependent: ClassVar[bool] = False
     uses_position_ids: ClassVar[bool] = True
     causal_only: ClassVar[bool] = False
+    position_dims: ClassVar[int] = 1
     layer_sets: int = 1  # parameter sets, one per layer when > 1 (see logits_bias)
     current_layer: int = 0
 
@@ -165,8 +167,9 @@ class PositionalEncoding(nn.Module):
         return 1.0
 
     # ----------------------------------------------------------------- query/key site
-    def rotary(self, positions: Tensor, dtype: torch.dtype) -> Rotary:
-        """Tables to transform q and k at ``positions`` ``(B, T)``."""
+    def rotary(self, positions: Tensor, dtype: torch.dtype) -> Rotary | list[Rotary]:
+        """Tables to transform q and k at ``positions`` ``(B, T)``; one per layer when the
+        encoding has per-layer parameters (``layer_sets > 1``)."""
         raise NotImplementedError(f"{self.name} does not act at the query/key site")
 
     # ----------------------------------------------------------------- logits site

@@ -9,7 +9,7 @@ from torch import Tensor
 from poslab.pe import functional as F
 from poslab.pe.base import PositionalEncoding, Rotary, Site, register
 
-__all__ = ["RoPE", "PRoPE", "ResonanceRoPE", "XPos"]
+__all__ = ["RoPE", "PRoPE", "ResonanceRoPE", "XPos", "RoPE2D"]
 
 LAYOUTS = ("half", "interleaved")
 
@@ -149,3 +149,117 @@ class XPos(PositionalEncoding):
         cos_q, sin_q = F.rope_cos_sin(positions, self.inv_freq, self.layout, dtype, scale=sq)
         cos_k, sin_k = F.rope_cos_sin(positions, self.inv_freq, self.layout, dtype, scale=sk)
         return Rotary(cos_q, sin_q, cos_k, sin_k, self.layout)
+
+
+def _layout_angles(angles: Tensor, layout: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(..., P)`` pair angles -> ``cos, sin`` ``(..., 2P)`` in ``layout`` and ``dtype``."""
+    cos, sin = angles.cos(), angles.sin()
+    if layout == "half":
+        return torch.cat((cos, cos), -1).to(dtype), torch.cat((sin, sin), -1).to(dtype)
+    return cos.repeat_interleave(2, -1).to(dtype), sin.repeat_interleave(2, -1).to(dtype)
+
+
+ROPE_2D_MODES = ("axial", "mixed")
+
+
+@register("rope_2d")
+class RoPE2D(PositionalEncoding):
+    """2-D rotary embedding for positions ``(x, y)``: axial (fixed) or mixed (learned).
+
+    *Rotary Position Embedding for Vision Transformer*, Heo, 2024, arXiv 2403.13298.
+
+    - ``axial``: ``w_t = base^(-4t/D)``, ``t < D/4``; the first ``D/4`` pairs rotate by
+      ``x w_t``, the last ``D/4`` by ``y w_t`` (``base = 100``, the ViT setting).
+    - ``mixed``: per layer, head ``h`` and pair ``t``, angle ``x f^x_{h,t} + y f^y_{h,t}``
+      with learned ``f``; initialized with ``mu_t = base^(-4t/D)`` (``base = 10``), a random
+      per-head angle ``a_h ~ U(0, 2 pi)``, ``f^x = [mu cos a_h, mu cos(a_h + pi/2)]``,
+      ``f^y = [mu sin a_h, mu sin(a_h + pi/2)]``.
+
+    Position ids are ``(B, T, 2)`` (column, row); ``(B, T)`` ids put every token on row 0.
+    Pairs are interleaved by default (complex multiplication, as the reference code).
+
+    Args:
+        head_dim: channels per head (a multiple of 4).
+        num_heads, num_layers: model dimensions (given by the model).
+        mode: ``"axial"`` or ``"mixed"``.
+        base: frequency base (default 100 axial, 10 mixed).
+        layout: ``"interleaved"`` or ``"half"``.
+        per_layer: mixed frequencies per layer (the reference) or shared.
+    """
+
+    paper = "Rotary Position Embedding for Vision Transformer, Heo, 2024, arXiv 2403.13298"
+    sites = frozenset({Site.QK})
+    relative = True
+    position_dims = 2
+
+    def __init__(
+        self,
+        *,
+        head_dim: int,
+        num_heads: int = 1,
+        num_layers: int = 1,
+        mode: str = "axial",
+        base: float | None = None,
+        layout: str = "interleaved",
+        per_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_layout(self.name, layout)
+        if mode not in ROPE_2D_MODES:
+            raise ValueError(f"{self.name}: mode={mode!r} is not one of {', '.join(map(repr, ROPE_2D_MODES))}")
+        if head_dim % 4:
+            raise ValueError(f"{self.name}: head_dim must be a multiple of 4 (two axes of pairs), got {head_dim}")
+        base = (100.0 if mode == "axial" else 10.0) if base is None else base
+        if base <= 1.0:
+            raise ValueError(f"{self.name}: base must be > 1, got {base}")
+        self.mode, self.base, self.layout, self.num_heads = mode, base, layout, num_heads
+        quarter = head_dim // 4
+        mu = base ** (-4.0 * torch.arange(quarter, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", mu, persistent=False)
+        if mode == "mixed":
+            self.layer_sets = num_layers if per_layer else 1
+            self.freqs = torch.nn.Parameter(torch.empty(self.layer_sets, num_heads, 2, 2 * quarter))
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.mode != "mixed":
+            return
+        mu = self.inv_freq.float()
+        with torch.no_grad():
+            for layer in range(self.layer_sets):
+                alpha = torch.rand(self.num_heads, 1) * 2 * torch.pi
+                fx = torch.cat((mu * alpha.cos(), mu * (alpha + torch.pi / 2).cos()), -1)
+                fy = torch.cat((mu * alpha.sin(), mu * (alpha + torch.pi / 2).sin()), -1)
+                self.freqs[layer] = torch.stack((fx, fy), 1)
+
+    @staticmethod
+    def as_2d(positions: Tensor) -> Tensor:
+        """``(B, T)`` or ``(B, T, 2)`` ids -> ``(B, T, 2)`` float64 (``y = 0`` for 1-D ids)."""
+        pos = positions.to(torch.float64)
+        if pos.dim() == 1:
+            pos = pos[None]
+        if pos.dim() == 2:
+            pos = torch.stack((pos, torch.zeros_like(pos)), -1)
+        if pos.shape[-1] != 2:
+            raise ValueError(f"rope_2d: position ids must be (B, T) or (B, T, 2), got shape {tuple(positions.shape)}")
+        return pos
+
+    def angles(self, positions: Tensor, layer: int = 0) -> Tensor:
+        """Pair angles ``(B, 1 or H, T, D/2)`` in float64."""
+        pos = self.as_2d(positions)
+        x, y = pos[..., 0], pos[..., 1]  # (B, T)
+        if self.mode == "axial":
+            angles = torch.cat((x[..., None] * self.inv_freq, y[..., None] * self.inv_freq), -1)
+            return angles[:, None]
+        f = self.freqs[layer].to(torch.float64)  # (H, 2, D/2)
+        return x[:, None, :, None] * f[None, :, None, 0] + y[:, None, :, None] * f[None, :, None, 1]
+
+    def rotary(self, positions: Tensor, dtype: torch.dtype) -> Rotary | list[Rotary]:
+        tables = []
+        for layer in range(self.layer_sets):
+            cos, sin = _layout_angles(self.angles(positions, layer), self.layout, dtype)
+            tables.append(Rotary(cos, sin, cos, sin, self.layout))
+        return tables if self.layer_sets > 1 else tables[0]
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, base={self.base}, layout={self.layout!r}"

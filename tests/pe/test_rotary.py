@@ -71,3 +71,74 @@ def test_rotation_variants_train_through_a_model(name):
     x = torch.randint(0, 20, (2, 10))
     model(x).logsumexp(-1).sum().backward()
     assert all(p.grad is not None for p in model.blocks.parameters())
+
+
+# ----------------------------------------------------------------------------- 2-D RoPE
+def _grid(w, h):
+    return torch.stack(torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy"), -1).reshape(1, w * h, 2)
+
+
+@pytest.mark.parametrize("mode", ["axial", "mixed"])
+def test_rope_2d_logits_ignore_a_2d_shift_and_see_both_axes(mode):
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=20, d_model=32, num_layers=2, num_heads=2, pe="rope_2d", pe_params={"mode": mode})
+    model = model.double()
+    x = torch.randint(0, 20, (2, 12))
+    ids = _grid(4, 3)
+    base = model(x, position_ids=ids)
+    torch.testing.assert_close(model(x, position_ids=ids + torch.tensor([7, -5])), base, atol=1e-9, rtol=1e-9)
+    swapped = ids.flip(-1)  # x and y exchanged: a different layout of the same tokens
+    assert not torch.allclose(model(x, position_ids=swapped), base)
+    rows_only = ids * torch.tensor([1, 0])
+    assert not torch.allclose(model(x, position_ids=rows_only), base)  # y matters
+
+
+def test_rope_2d_axial_with_y_zero_is_1d_rope_on_the_x_half():
+    enc = pe.build("rope_2d", head_dim=16, base=100.0)
+    rope = pe.build("rope", head_dim=8, base=100.0, layout="interleaved")
+    x = torch.randn(2, 3, 9, 16)
+    pos = torch.arange(9)[None] * 3
+    got = enc.rotary(torch.stack((pos, torch.zeros_like(pos)), -1), torch.float32).rotate_q(x)
+    torch.testing.assert_close(got[..., :8], rope.rotary(pos, torch.float32).rotate_q(x[..., :8]))
+    torch.testing.assert_close(got[..., 8:], x[..., 8:])  # y = 0: the y half does not turn
+    torch.testing.assert_close(enc.rotary(pos, torch.float32).rotate_q(x), got)  # 1-D ids = row 0
+
+
+def test_rope_2d_mixed_with_zero_angle_is_axial():
+    axial = pe.build("rope_2d", head_dim=16, base=10.0)
+    mixed = pe.build("rope_2d", head_dim=16, num_heads=3, mode="mixed", base=10.0)
+    mu = axial.inv_freq.float()
+    zero = torch.zeros(4)
+    with torch.no_grad():  # alpha_h = 0: f^x = [mu, 0], f^y = [0, mu]
+        mixed.freqs[0] = torch.stack((torch.cat((mu, zero)), torch.cat((zero, mu))))[None].expand(3, 2, 8)
+    x = torch.randn(1, 3, 12, 16)
+    ids = _grid(4, 3)
+    torch.testing.assert_close(
+        mixed.rotary(ids, torch.float32).rotate_q(x), axial.rotary(ids, torch.float32).rotate_q(x), atol=1e-6, rtol=1e-6
+    )
+
+
+def test_rope_2d_mixed_init_and_learning():
+    torch.manual_seed(0)
+    enc = pe.build("rope_2d", head_dim=16, num_heads=4, num_layers=2, mode="mixed")
+    mu = enc.inv_freq.float()
+    f = enc.freqs[0]  # (H, 2, D/2): the two halves have magnitudes mu, per head
+    torch.testing.assert_close(f[:, :, :4].norm(dim=1), mu.expand(4, 4))
+    torch.testing.assert_close(f[:, :, 4:].norm(dim=1), mu.expand(4, 4))
+    assert not torch.allclose(enc.freqs[0], enc.freqs[1])  # a random angle per layer and head
+    model = Transformer(vocab_size=20, d_model=32, num_layers=2, num_heads=2, pe="rope_2d", pe_params={"mode": "mixed"})
+    model(torch.randint(0, 20, (1, 12)), position_ids=_grid(4, 3)).square().sum().backward()
+    assert model.pe.freqs.grad.abs().sum() > 0
+
+
+def test_rope_2d_bad_input():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pe.build("rope_2d", head_dim=6)
+    with pytest.raises(ValueError, match="mode"):
+        pe.build("rope_2d", head_dim=8, mode="diagonal")
+    model = Transformer(vocab_size=20, d_model=32, num_layers=1, num_heads=2, pe="rope_2d")
+    with pytest.raises(ValueError, match=r"\(B, T, 2\)"):
+        model(torch.randint(0, 20, (1, 4)), position_ids=torch.zeros(1, 4, 3, dtype=torch.long))
+    rope = Transformer(vocab_size=20, d_model=32, num_layers=1, num_heads=2, pe="rope")
+    with pytest.raises(ValueError, match=r"position_ids must be \(B, T\)"):
+        rope(torch.randint(0, 20, (1, 4)), position_ids=torch.zeros(1, 4, 2, dtype=torch.long))
