@@ -1,0 +1,122 @@
+"""The decoder tasks of the CoPE paper (tasks.md 5): counting and selective copy.
+
+*Contextual Position Encoding: Learning to Count What's Important*, Golovneva, 2024, arXiv
+2405.18719. Counting follows the released generator; selective copy follows the Mamba-paper
+convention (Gu & Dao 2023) with poslab's word-mode rendering. The flip-flop language is not
+here yet (it trains on every token but scores only the reads).
+"""
+
+from __future__ import annotations
+
+from poslab.tasks.base import Example, Task, register_task
+from poslab.tasks.vocab import Vocabulary
+
+__all__ = ["Counting", "SelectiveCopy"]
+
+_VARIABLES = "abcdefghij"
+
+
+class Counting(Task):
+    """Count increments of variables through a program of ``SET``, ``PASS`` and ``INCREMENT``.
+
+    Each statement is drawn with weights SET 1 : PASS 50 : INCREMENT 7. SET sets a random
+    variable to 0 (``a = 0 ;``); INCREMENT adds one to a random variable that is already set
+    (``a ++;``) and fails (another statement type is drawn, up to 100 tries) when none is
+    set or the value would exceed 10. The question ``print v`` asks for a set variable; a
+    program that sets none is drawn again. Length = number of statements (at least 3).
+    """
+
+    suite = "cope"
+    unit = "statements"
+    min_length = 3
+    n_vars = 3
+    max_value = 10
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(
+            [*_VARIABLES[: self.n_vars], "=", ";", "pass;", "++;", "print", *map(str, range(self.max_value + 1))]
+        )
+
+    def sample(self, length, rng, index, bin_size):
+        while True:
+            values: dict[str, int] = {}
+            statements = []
+            for _ in range(length):
+                for _ in range(100):
+                    kind = rng.choice(3, p=[1 / 58, 50 / 58, 7 / 58])  # SET, PASS, INCREMENT
+                    if kind == 0:
+                        v = _VARIABLES[int(rng.integers(self.n_vars))]
+                        values[v] = 0
+                        statements.append(f"{v} = 0 ;")
+                        break
+                    if kind == 1:
+                        statements.append("pass;")
+                        break
+                    if values:
+                        v = sorted(values)[int(rng.integers(len(values)))]
+                        if values[v] + 1 <= self.max_value:
+                            values[v] += 1
+                            statements.append(f"{v} ++;")
+                            break
+                else:
+                    statements.append("pass;")
+            if values:
+                break
+        asked = sorted(values)[int(rng.integers(len(values)))]
+        prompt = " ".join(statements) + f" print {asked}"
+        ex = Example(prompt, "", length, {"statements": statements, "asked": asked})
+        return Example(prompt, self.solve(ex), length, ex.meta)
+
+    def solve(self, example):
+        values: dict[str, int] = {}
+        for s in example.meta["statements"]:
+            if s.endswith("= 0 ;"):
+                values[s[0]] = 0
+            elif s.endswith("++;"):
+                values[s[0]] += 1
+        return str(values[example.meta["asked"]])
+
+
+@register_task("counting")
+class Counting3(Counting):
+    description = "value of a counter after l SET/PASS/INCREMENT statements, 3 variables"
+
+
+@register_task("counting5")
+class Counting5(Counting):
+    description = "value of a counter after l SET/PASS/INCREMENT statements, 5 variables"
+    n_vars = 5
+
+
+@register_task("selective_copy")
+class SelectiveCopy(Task):
+    """Copy the ``K = 16`` data tokens scattered among ``l`` blanks, in order.
+
+    Data tokens ``d0 .. d15`` (i.i.d.) occupy ``K`` random distinct slots of ``K + l``; the
+    others hold ``_``; the prompt ends with ``|`` and the target is the data tokens in order.
+    Length = number of blanks (tasks.md 5.3, tiny split: train 16, test 8 / 32 / 64).
+    """
+
+    suite = "cope"
+    unit = "blanks"
+    min_length = 0
+    description = "copy the 16 data tokens scattered among l blanks"
+    data_tokens = 16
+    alphabet = 16
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(["_", "|", *(f"d{i}" for i in range(self.alphabet))])
+
+    def sample(self, length, rng, index, bin_size):
+        k = self.data_tokens
+        data = [f"d{int(i)}" for i in rng.integers(0, self.alphabet, size=k)]
+        slots = sorted(int(s) for s in rng.choice(k + length, size=k, replace=False))
+        row = ["_"] * (k + length)
+        for s, d in zip(slots, data):
+            row[s] = d
+        prompt = " ".join(row) + " |"
+        ex = Example(prompt, "", length, {"data": data, "slots": slots})
+        return Example(prompt, self.solve(ex), length, ex.meta)
+
+    def solve(self, example):
+        return " ".join(example.meta["data"])
