@@ -3,6 +3,10 @@
 A sequence is ``<bos> prompt target <eos>``; the loss covers the target and ``<eos>``. Rows
 are right-padded, which a causal model never sees from earlier positions, so position ids
 stay ``0 .. T-1`` from the left.
+
+Scoring covers the same tokens, unless an example lists in ``meta["scored"]`` the indices of
+the target tokens that are determined by what precedes them (the flip-flop language trains on
+every token but only the reads are predictable); then only those are scored.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ class EncodedSet:
         seq_len: ``(N,)`` tokens per row before padding.
         target_start: ``(N,)`` index of the first target token in ``tokens``.
         length: ``(N,)`` the task's length unit of each example.
+        scored: ``(N, L)`` bool, the token positions evaluation scores, or ``None`` for the
+            whole target span and ``<eos>`` (the trained tokens).
     """
 
     tokens: Tensor
     seq_len: Tensor
     target_start: Tensor
     length: Tensor
+    scored: Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -52,6 +59,14 @@ class EncodedSet:
         keep = (pos >= self.target_start[index, None]) & (pos < self.seq_len[index, None])
         return inputs, torch.where(keep, nxt, torch.full_like(nxt, IGNORE))
 
+    def scored_batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Like :meth:`batch`, with labels only where evaluation scores a prediction."""
+        inputs, labels = self.batch(index)
+        if self.scored is None:
+            return inputs, labels
+        keep = self.scored[index, 1 : labels.shape[1] + 1]  # the position of the predicted token
+        return inputs, torch.where(keep, labels, torch.full_like(labels, IGNORE))
+
 
 def encode_examples(examples: list[Example], vocab: Vocabulary) -> EncodedSet:
     """Tokenize and pad a list of examples."""
@@ -64,9 +79,18 @@ def encode_examples(examples: list[Example], vocab: Vocabulary) -> EncodedSet:
     tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = torch.tensor(r)
+    scored = None
+    if any("scored" in ex.meta for ex in examples):
+        scored = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, (ex, start) in enumerate(zip(examples, starts)):
+            if "scored" in ex.meta:
+                scored[i, [start + j for j in ex.meta["scored"]]] = True
+            else:
+                scored[i, start : len(rows[i])] = True
     return EncodedSet(
         tokens=tokens,
         seq_len=torch.tensor([len(r) for r in rows]),
         target_start=torch.tensor(starts),
         length=torch.tensor([ex.length for ex in examples]),
+        scored=scored,
     )

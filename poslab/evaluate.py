@@ -2,7 +2,8 @@
 
 Exact match under greedy decoding equals "every teacher-forced argmax on the target span is
 right" (methods.md 9.1; the target includes ``<eos>``, ties go to the lowest id in both), so
-it is computed from one teacher-forced pass; a test checks it against ``generate``.
+it is computed from one teacher-forced pass; a test checks it against ``generate``. Tasks
+that score only some target tokens (``meta["scored"]``) are measured on those tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def evaluate_per_length(
     order = torch.argsort(data.seq_len, stable=True)  # similar lengths together: less padding
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
-        inputs, labels = data.batch(idx)
+        inputs, labels = data.scored_batch(idx)
         ids = position_ids(inputs) if position_ids is not None else None
         logits = model(inputs, position_ids=ids).float()
         mask = labels != IGNORE

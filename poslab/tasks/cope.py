@@ -2,8 +2,9 @@
 
 *Contextual Position Encoding: Learning to Count What's Important*, Golovneva, 2024, arXiv
 2405.18719. Counting follows the released generator; selective copy follows the Mamba-paper
-convention (Gu & Dao 2023) with poslab's word-mode rendering. The flip-flop language is not
-here yet (it trains on every token but scores only the reads).
+convention (Gu & Dao 2023) with poslab's word-mode rendering; the flip-flop language follows
+Liu et al. 2023 (*Exposing Attention Glitches with Flip-Flop Language Modeling*, arXiv
+2306.00978).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from poslab.tasks.base import Example, Task, register_task
 from poslab.tasks.vocab import Vocabulary
 
-__all__ = ["Counting", "SelectiveCopy"]
+__all__ = ["Counting", "SelectiveCopy", "FlipFlop"]
 
 _VARIABLES = "abcdefghij"
 
@@ -120,3 +121,61 @@ class SelectiveCopy(Task):
 
     def solve(self, example):
         return " ".join(example.meta["data"])
+
+
+class FlipFlop(Task):
+    """Flip-flop language FFL(p): ``l`` (instruction, bit) pairs; a read repeats the last write.
+
+    The first instruction is ``w``, the last ``r``; the others are ``i`` with probability
+    ``p`` and ``w`` / ``r`` with ``(1 - p) / 2`` each. Bits after ``w`` and ``i`` are uniform;
+    the bit after ``r`` is the most recent write's. The whole string is the target (the
+    model trains on every token, as language modelling), and evaluation scores only the
+    bits after ``r``: token accuracy = per-read accuracy, exact match = every read right.
+    Length = number of instructions (at least 2).
+    """
+
+    suite = "cope"
+    unit = "instructions"
+    min_length = 2
+    p_ignore = 0.8
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(["w", "r", "i", "0", "1"])
+
+    def sample(self, length, rng, index, bin_size):
+        stored = int(rng.integers(2))
+        ops, bits = ["w"], [stored]
+        q = (1 - self.p_ignore) / 2
+        for _ in range(length - 2):
+            op = ("i", "w", "r")[int(rng.choice(3, p=[self.p_ignore, q, q]))]
+            bit = stored if op == "r" else int(rng.integers(2))
+            if op == "w":
+                stored = bit
+            ops.append(op)
+            bits.append(bit)
+        ops.append("r")
+        bits.append(stored)
+        ex = Example("", "", length, {"ops": ops, "bits": bits})
+        target = self.solve(ex)
+        scored = [2 * t + 1 for t, op in enumerate(ops) if op == "r"]  # the bit after each read
+        return Example("", target, length, {"ops": ops, "bits": bits, "scored": scored})
+
+    def solve(self, example):
+        return " ".join(f"{op} {bit}" for op, bit in zip(example.meta["ops"], example.meta["bits"]))
+
+
+@register_task("flip_flop")
+class FlipFlop80(FlipFlop):
+    description = "flip-flop language FFL(0.8): repeat the last written bit at each read"
+
+
+@register_task("flip_flop_sparse")
+class FlipFlopSparse(FlipFlop):
+    description = "flip-flop language FFL(0.98): rare reads and writes, long gaps"
+    p_ignore = 0.98
+
+
+@register_task("flip_flop_dense")
+class FlipFlopDense(FlipFlop):
+    description = "flip-flop language FFL(0.1): frequent reads and writes"
+    p_ignore = 0.1

@@ -55,3 +55,42 @@ def test_selective_copy_targets_are_the_data_tokens_in_order():
         assert words.count("_") == ex.length and len(words) == ex.length + 16 + 1
         assert ex.target.split() == [w for w in words[:-1] if w != "_"]
     assert task.generate("x", [5], 3, seed=4) == task.generate("x", [5], 3, seed=4)
+
+
+@pytest.mark.parametrize("name,p", [("flip_flop", 0.8), ("flip_flop_sparse", 0.98), ("flip_flop_dense", 0.1)])
+def test_flip_flop_reads_repeat_the_last_write(name, p):
+    task = get_task(name)
+    examples = task.generate("test", [2, 5, 64], 30, seed=0)
+    ignores = total = 0
+    for ex in examples:
+        words = ex.target.split()
+        assert len(words) == 2 * ex.length and ex.prompt == ""
+        ops, bits = words[0::2], words[1::2]
+        assert ops[0] == "w" and ops[-1] == "r"
+        last = None
+        for t, (op, bit) in enumerate(zip(ops, bits)):
+            if op == "w":
+                last = bit
+            elif op == "r":
+                assert bit == last
+                assert 2 * t + 1 in ex.meta["scored"]
+        assert len(ex.meta["scored"]) == ops.count("r")
+        ignores += ops[1:-1].count("i")
+        total += len(ops) - 2
+    assert abs(ignores / total - p) < 0.06
+
+
+def test_flip_flop_scores_only_the_reads():
+    import torch
+
+    from poslab.data import IGNORE, encode_examples
+
+    task = get_task("flip_flop")
+    ex = task.generate("x", [6], 1, seed=3)[0]
+    data = encode_examples([ex], task.vocabulary())
+    _, trained = data.batch(torch.arange(1))
+    _, scored = data.scored_batch(torch.arange(1))
+    assert int((trained != IGNORE).sum()) == 2 * 6 + 1  # every token and <eos> is trained
+    words = ex.target.split()
+    reads = [t for t in range(6) if words[2 * t] == "r"]
+    assert (scored != IGNORE).nonzero()[:, 1].tolist() == [2 * t + 1 for t in reads]  # label t = token t + 1
