@@ -100,6 +100,11 @@ class RunConfig(BaseModel):
             check_supported(self.task, self.scratchpad)
         from poslab import positions
 
+        if getattr(task, "encoder", False) and pe_lib.get(self.pe).causal_only:
+            raise ValueError(
+                f"task {self.task!r} needs a bidirectional encoder but pe={self.pe!r} is defined for "
+                "causal attention only"
+            )
         positions.check_scheme(self.positions, self.positions_params, task.vocabulary())
         dims, reads = positions.position_dims(self.positions), pe_lib.get(self.pe).position_dims
         if dims > reads:

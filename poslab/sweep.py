@@ -11,6 +11,10 @@ A sweep file is TOML::
     pe = ["nope", "rope"]
     seed = [0, 1]
 
+A grid key ``variant`` takes tables of fields that go together, e.g. an id scheme and its
+parameters: ``variant = [{positions = "contiguous"}, {positions = "randomized",
+positions_params = {max_len = 256}}]``; each table is merged into the run's fields.
+
 Every config is validated before any run starts. Finished runs (by config hash) are skipped,
 so an interrupted sweep resumes where it stopped.
 """
@@ -62,7 +66,14 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     keys = list(spec.grid)
     configs, seen = [], set()
     for combo in itertools.product(*(spec.grid[k] for k in keys)) if keys else [()]:
-        fields = {**spec.base, **dict(zip(keys, combo))}
+        fields = {**spec.base}
+        for key, value in zip(keys, combo):
+            if key == "variant":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"grid.variant entries must be tables of fields, got {value!r}")
+                fields.update(value)
+            else:
+                fields[key] = value
         try:
             config = RunConfig.create(**fields)
         except ConfigError as err:

@@ -51,19 +51,22 @@ def make_splits(config: RunConfig) -> Splits:
     lo, hi = config.train_length
     lengths = range(lo, hi + 1)
     per_length = math.ceil(config.train_examples / len(lengths))
-    train_set = encode_examples(task.generate("train", lengths, per_length, config.data_seed), vocab)
+    encoder = getattr(task, "encoder", False)
+    train_set = encode_examples(task.generate("train", lengths, per_length, config.data_seed), vocab, encoder)
     tlo, thi = config.test_length
     test_set = encode_examples(
-        task.generate("test", range(tlo, thi + 1), config.test_per_length, config.data_seed), vocab
+        task.generate("test", range(tlo, thi + 1), config.test_per_length, config.data_seed), vocab, encoder
     )
     max_seq_len = max(train_set.tokens.shape[1], test_set.tokens.shape[1])
     return Splits(task, vocab, train_set, test_set, max_seq_len)
 
 
-def build_model(config: RunConfig, vocab_size: int, max_seq_len: int) -> Transformer:
+def build_model(config: RunConfig, vocab_size: int, max_seq_len: int, causal: bool = True) -> Transformer:
+    """The run's model: a decoder, or an encoder (``causal=False``) for encoder tasks."""
     max_seq_len = positions.table_size(config.positions, config.positions_params, max_seq_len)
     return Transformer(
         vocab_size=vocab_size,
+        causal=causal,
         d_model=config.d_model,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
@@ -195,7 +198,9 @@ def train(
     splits = splits or make_splits(config)
     check_positions(config, splits.max_seq_len)
     torch.manual_seed(config.seed)
-    model = build_model(config, len(splits.vocab), splits.max_seq_len)
+    model = build_model(
+        config, len(splits.vocab), splits.max_seq_len, causal=not getattr(splits.task, "encoder", False)
+    )
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pe.")]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("pe.")]
     opt = torch.optim.AdamW(

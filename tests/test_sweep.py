@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,31 @@ def test_expand_grid_and_dedupe():
     configs = expand(spec)
     assert len(configs) == 4  # copy is an alias of copy_rsc: same runs
     assert {c.pe for c in configs} == {"nope", "rope"}
+
+
+def test_grid_variants_merge_fields_that_go_together(tmp_path):
+    toml = tmp_path / "v.toml"
+    toml.write_text(
+        textwrap.dedent("""
+        name = "v"
+        [base]
+        task = "copy"
+        pe = "learned"
+        [grid]
+        seed = [0, 1]
+        variant = [{positions = "contiguous"}, {positions = "randomized", positions_params = {max_len = 64}}]
+        """)
+    )
+    configs = expand(load_sweep(toml))
+    assert len(configs) == 4
+    assert sorted((c.seed, c.positions, c.positions_params.get("max_len")) for c in configs) == [
+        (0, "contiguous", None),
+        (0, "randomized", 64),
+        (1, "contiguous", None),
+        (1, "randomized", 64),
+    ]
+    with pytest.raises(ConfigError, match="grid.variant entries must be tables"):
+        expand(SweepSpec(name="t", base=BASE, grid={"variant": ["randomized"]}))
 
 
 def test_bad_grid_value_fails_before_any_work(tmp_path):
@@ -136,3 +162,9 @@ def test_ray_executor_runs_the_same_sweep(tmp_path):
     by_pe = {r["config"]["pe"]: r for r in store.records()}
     for rec in ResultStore(tmp_path / "l.sqlite").records():
         assert rec["per_length"] == by_pe[rec["config"]["pe"]]["per_length"]  # same results on either executor
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml")))
+def test_every_example_study_expands_to_valid_runs(path):
+    configs = expand(load_sweep(path))
+    assert configs and len({c.run_id() for c in configs}) == len(configs)

@@ -1,6 +1,6 @@
 """Task suites for length generalization (see tasks.md)."""
 
-from poslab.tasks import arithmetic, compositional, cope, digits, kazemnejad  # noqa: F401  (registers tasks)
+from poslab.tasks import arithmetic, chomsky, compositional, cope, digits, kazemnejad  # noqa: F401  (registers tasks)
 from poslab.tasks.base import Example, Task, canonical_task, get_task, hash32, split_rng, task_names
 from poslab.tasks.vocab import BOS, EOS, PAD, Vocabulary
 

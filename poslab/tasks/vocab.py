@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-__all__ = ["Vocabulary", "PAD", "BOS", "EOS", "word_tokens", "piece_tokens"]
+__all__ = ["Vocabulary", "PAD", "BOS", "EOS", "BLANK", "word_tokens", "piece_tokens"]
 
 PAD, BOS, EOS = 0, 1, 2
+BLANK = "_"  # encoder tasks: the placeholder read at each output position
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 
 # k00..k99 stay single tokens in piece mode: they are the single-token items of sort_sngd
