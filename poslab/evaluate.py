@@ -4,6 +4,10 @@ Exact match under greedy decoding equals "every teacher-forced argmax on the tar
 right" (methods.md 9.1; the target includes ``<eos>``, ties go to the lowest id in both), so
 it is computed from one teacher-forced pass; a test checks it against ``generate``. Tasks
 that score only some target tokens (``meta["scored"]``) are measured on those tokens.
+
+With a scratchpad that EM covers the whole target, scratchpad included, which is stricter
+than the published scorer; :func:`evaluate_answers` generates greedily and compares only the
+final answers, read by the task's extractor (tasks.md 2.13.5).
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import torch
 from torch.nn import functional as F
 
 from poslab.data import IGNORE, EncodedSet
+from poslab.tasks.vocab import EOS
 
-__all__ = ["evaluate_per_length", "summarize"]
+__all__ = ["evaluate_per_length", "evaluate_answers", "summarize"]
 
 
 @torch.no_grad()
@@ -57,6 +62,35 @@ def evaluate_per_length(
     }
 
 
+@torch.no_grad()
+def evaluate_answers(model, data: EncodedSet, task, vocab, batch_size: int = 256, slack: int = 16) -> dict[int, float]:
+    """``{length: answer exact match}`` from greedy generations (contiguous ids).
+
+    Each prompt is decoded with the KV cache for up to its gold target's length + ``slack``
+    tokens (or until ``<eos>``); the task's ``extract_answer`` reads the generated text and
+    the gold target, and a row counts when both give the same, non-empty answer.
+    Prompts of equal length are generated together.
+    """
+    model.eval()
+    starts, ends = data.target_start.tolist(), data.seq_len.tolist()
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, start in enumerate(starts):
+        groups[start].append(i)
+    right: dict[int, list[int]] = defaultdict(list)
+    lengths = data.length.tolist()
+    for start, rows in sorted(groups.items()):
+        for k in range(0, len(rows), batch_size):
+            chunk = rows[k : k + batch_size]
+            prompt = data.tokens[chunk, :start]
+            budget = max(ends[i] - start for i in chunk) + slack
+            out = model.generate(prompt, max_new_tokens=budget, eos_token_id=EOS)
+            for row, i in enumerate(chunk):
+                gold = task.extract_answer(vocab.decode(data.tokens[i, start : ends[i]].tolist()))
+                got = task.extract_answer(vocab.decode(out[row, start:].tolist()))
+                right[lengths[i]].append(int(gold is not None and got == gold))
+    return {ell: sum(v) / len(v) for ell, v in sorted(right.items())}
+
+
 def summarize(per_length: dict[int, dict[str, float]], train_length: tuple[int, int]) -> dict[str, dict]:
     """In- and out-of-distribution summaries.
 
@@ -71,13 +105,16 @@ def summarize(per_length: dict[int, dict[str, float]], train_length: tuple[int, 
             return None
         rows = [per_length[ell] for ell in lengths]
         n = sum(r["n"] for r in rows)
-        return {
+        out = {
             "lengths": [min(lengths), max(lengths)],
             "exact_match": sum(r["exact_match"] for r in rows) / len(rows),
             "token_accuracy": sum(r["token_accuracy"] for r in rows) / len(rows),
             "loss": sum(r["loss"] for r in rows) / len(rows),
             "overall_exact_match": sum(r["exact_match"] * r["n"] for r in rows) / n,
         }
+        if all("answer_exact_match" in r for r in rows):
+            out["answer_exact_match"] = sum(r["answer_exact_match"] for r in rows) / len(rows)
+        return out
 
     ind = [ell for ell in per_length if lo <= ell <= hi]
     ood = [ell for ell in per_length if ell > hi]

@@ -24,6 +24,30 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def setting_label(cfg: dict[str, Any]) -> str:
+    """The encoding and what sets the run apart from a plain one: encoding parameters, the id
+    scheme, a scratchpad (``rope``, ``learned + coupled(max_pos=32)``)."""
+    label = cfg["pe"]
+    if cfg.get("pe_params"):
+        label += "{" + ", ".join(f"{k}={v}" for k, v in sorted(cfg["pe_params"].items())) + "}"
+    if cfg.get("positions", "contiguous") != "contiguous":
+        params = ", ".join(f"{k}={v}" for k, v in sorted(cfg.get("positions_params", {}).items()))
+        label += f" + {cfg['positions']}" + (f"({params})" if params else "")
+    if cfg.get("scratchpad"):
+        label += f" + scratchpad {cfg['scratchpad']}"
+    return label
+
+
+def _curve_metric(task: str) -> str:
+    """Exact match, or per-token accuracy for encoder tasks (the Chomsky suite's score)."""
+    from poslab.tasks import get_task
+
+    try:
+        return "token_accuracy" if getattr(get_task(task), "encoder", False) else "exact_match"
+    except ValueError:
+        return "exact_match"
+
+
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, pe, train/test lengths, other settings) with statistics over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -44,14 +68,22 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ind, ood = metric("in_distribution"), metric("out_of_distribution")
         at2x = [r["acc_at_2x"] for r in recs if r.get("acc_at_2x") is not None]
         lengths = sorted({int(k) for r in recs for k in r["per_length"]})
+        measure = _curve_metric(task)
         curve = {
-            ell: [r["per_length"][str(ell)]["exact_match"] for r in recs if str(ell) in r["per_length"]]
-            for ell in lengths
+            ell: [r["per_length"][str(ell)][measure] for r in recs if str(ell) in r["per_length"]] for ell in lengths
         }
+        answers = [
+            r["out_of_distribution"]["answer_exact_match"]
+            for r in recs
+            if r.get("out_of_distribution") and "answer_exact_match" in r["out_of_distribution"]
+        ]
         rows.append(
             {
                 "task": task,
                 "pe": pe,
+                "label": setting_label(recs[0]["config"]),
+                "curve_metric": measure,
+                "ood_answer_em": _mean_std(answers),
                 "seeds": [r["_seed"] for r in recs],
                 "train_length": recs[0]["config"]["train_length"],
                 "test_length": recs[0]["config"]["test_length"],
@@ -77,24 +109,27 @@ def _fmt(ms: tuple[float, float]) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Exact match (mean ± std over seeds) per task and encoding."""
+    answers = any(r["ood_answer_em"][0] == r["ood_answer_em"][0] for r in rows)  # some run has them
     head = (
         "| task | encoding | seeds | train | test | EM in-dist | EM out-of-dist | EM at 2x | "
-        "token acc out-of-dist | OOD EM per seed |"
+        "token acc out-of-dist | " + ("answer EM out-of-dist | " if answers else "") + "OOD EM per seed |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * (11 if answers else 10)]
     for r in rows:
         lo, hi = r["train_length"]
         tlo, thi = r["test_length"]
         per_seed = ", ".join(f"{v:.3f}" for v in r["ood_per_seed"])
+        extra = f"{_fmt(r['ood_answer_em'])} | " if answers else ""
         lines.append(
-            f"| {r['task']} | {r['pe']} | {len(r['seeds'])} | {lo}-{hi} | {tlo}-{thi} | {_fmt(r['id_em'])} | "
-            f"{_fmt(r['ood_em'])} | {_fmt(r['at2x_em'])} | {_fmt(r['ood_tok'])} | {per_seed} |"
+            f"| {r['task']} | {r['label']} | {len(r['seeds'])} | {lo}-{hi} | {tlo}-{thi} | {_fmt(r['id_em'])} | "
+            f"{_fmt(r['ood_em'])} | {_fmt(r['at2x_em'])} | {_fmt(r['ood_tok'])} | {extra}{per_seed} |"
         )
     return "\n".join(lines)
 
 
 def plot_task(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path:
-    """Exact match against length for one task, one line per encoding; writes a PNG."""
+    """Exact match (token accuracy for encoder tasks) against length for one task, one line per
+    encoding setting; writes a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,13 +142,14 @@ def plot_task(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path:
     for r in rows:
         xs = sorted(r["curve"])
         means = [statistics.fmean(r["curve"][x]) for x in xs]
-        ax.plot(xs, means, marker="o", markersize=3, linewidth=1.6, label=f"{r['pe']} (n={len(r['seeds'])})")
+        ax.plot(xs, means, marker="o", markersize=3, linewidth=1.6, label=f"{r['label']} (n={len(r['seeds'])})")
         if len(r["seeds"]) > 1:
             ax.fill_between(xs, [min(r["curve"][x]) for x in xs], [max(r["curve"][x]) for x in xs], alpha=0.15)
+    metric = rows[0]["curve_metric"].replace("_", " ")
     ax.set_xlabel("length (task units)")
-    ax.set_ylabel("exact match")
+    ax.set_ylabel(metric)
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title(f"{task}: exact match by length (line: mean over seeds; band: min-max)")
+    ax.set_title(f"{task}: {metric} by length (line: mean over seeds; band: min-max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()

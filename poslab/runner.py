@@ -11,7 +11,7 @@ import torch
 
 import poslab
 from poslab.config import RunConfig
-from poslab.evaluate import evaluate_per_length, summarize
+from poslab.evaluate import evaluate_answers, evaluate_per_length, summarize
 from poslab.train import make_splits, position_ids, train
 
 __all__ = ["execute", "RunDirConflict"]
@@ -51,7 +51,9 @@ def execute(
 
     The record holds ``run_id``, ``config``, ``per_length`` (``{"<length>": {"n",
     "exact_match", "token_accuracy", "loss"}}``), ``in_distribution``,
-    ``out_of_distribution``, ``acc_at_2x`` and training facts.
+    ``out_of_distribution``, ``acc_at_2x`` and training facts. Scratchpad runs add
+    ``answer_exact_match`` (the final answer of a greedy generation, as the published scorer
+    reads it) per length and in the summaries.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -74,6 +76,15 @@ def execute(
             config, inputs, training=False, generator=eval_gen, vocab=splits.vocab
         ),
     )
+    contiguous_eval = config.positions == "contiguous" or (
+        config.positions == "randomized" and config.positions_params.get("eval_mode", "arange") == "arange"
+    )
+    if config.scratchpad is not None and contiguous_eval:
+        # the published scorer reads only the final answer of a generation (tasks.md 2.13.5);
+        # generation uses contiguous ids, so schemes that read tokens are left out
+        answers = evaluate_answers(result.model, splits.test, splits.task, splits.vocab, config.eval_batch_size)
+        for ell, value in answers.items():
+            per_length[ell]["answer_exact_match"] = value
     summary = summarize(per_length, config.train_length)
     tail = result.losses[-50:]
     record = {

@@ -47,3 +47,53 @@ def test_summary_buckets():
     s = summarize(per, (1, 3))
     assert s["in_distribution"]["exact_match"] == 1.0 and s["in_distribution"]["lengths"] == [1, 3]
     assert s["out_of_distribution"]["exact_match"] == 0.25 and s["acc_at_2x"] == 0.25
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in model whose greedy generation is a given continuation per prompt row."""
+
+    def __init__(self, continuations):
+        super().__init__()
+        self.continuations = continuations  # list of token lists, in data order
+        self.calls = []
+
+    def generate(self, prompt, max_new_tokens, eos_token_id=None):
+        self.calls.append((prompt.shape, max_new_tokens))
+        rows = []
+        for p in prompt.tolist():
+            cont = self.continuations[self.index[tuple(p)]][:max_new_tokens]
+            rows.append(p + cont + [eos_token_id] * (max_new_tokens - len(cont)))
+        return torch.tensor(rows)
+
+
+def test_answer_exact_match_reads_only_the_final_answer_of_a_generation():
+    from poslab.data import encode_examples
+    from poslab.evaluate import evaluate_answers
+    from poslab.tasks import get_task
+    from poslab.tasks.scratchpad import ScratchpadTask
+
+    task = ScratchpadTask(get_task("addition"), "i1_c1_o1_v1_r1")
+    vocab = task.vocabulary()
+    examples = task.generate("test", [2, 3], 4, seed=0)
+    data = encode_examples(examples, vocab)
+    continuations = []
+    for i, ex in enumerate(examples):
+        gold = vocab.encode(ex.target)
+        if i % 4 == 0:  # exact copy
+            continuations.append(gold)
+        elif i % 4 == 1:  # a wrong scratchpad step, right answer: still counts
+            wrong = list(gold)
+            wrong[3] = vocab.stoi["7"] if wrong[3] != vocab.stoi["7"] else vocab.stoi["8"]
+            continuations.append(wrong)
+        elif i % 4 == 2:  # the answer's last digit changed: wrong
+            thus = ex.target.rfind("The answer is")
+            head, tail = ex.target[:thus], ex.target[thus:].split()
+            tail[-2] = "9" if tail[-2] != "9" else "8"
+            continuations.append(vocab.encode(head + " ".join(tail)))
+        else:  # nothing useful
+            continuations.append([vocab.stoi["."]])
+    model = _Scripted(continuations)
+    model.index = {tuple(data.tokens[i, : int(data.target_start[i])].tolist()): i for i in range(len(examples))}
+    got = evaluate_answers(model, data, task, vocab, batch_size=3)
+    assert got == {2: 0.5, 3: 0.5}
+    assert all(budget >= 16 for _, budget in model.calls)

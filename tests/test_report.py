@@ -30,3 +30,38 @@ def test_report_table_plot_and_html(tmp_path):
     page = paths["html"].read_text()
     assert "data:image/png;base64," in page and "<table>" in page and "nope" in page
     assert "copy_rsc.png" in paths["markdown"].read_text()
+
+
+def _record(seed, ood, curve_key="exact_match", answer=None, **cfg):
+    config = {"task": "copy_rsc", "pe": "learned", "train_length": [1, 2], "test_length": [1, 4], "steps": 5}
+    config.update(cfg, seed=seed)
+    per = {str(ell): {"n": 1, "exact_match": 0.5, "token_accuracy": 0.25} for ell in range(1, 5)}
+    summary = {"exact_match": ood, "token_accuracy": 0.25}
+    if answer is not None:
+        summary["answer_exact_match"] = answer
+    return {
+        "config": config,
+        "per_length": per,
+        "in_distribution": {"exact_match": 1.0, "token_accuracy": 1.0},
+        "out_of_distribution": summary,
+        "acc_at_2x": None,
+    }
+
+
+def test_rows_are_labelled_by_what_sets_them_apart_and_keep_answer_em():
+    records = [_record(s, 0.1) for s in (0, 1)] + [
+        _record(s, 0.9, answer=0.95, positions="coupled", positions_params={"max_pos": 32}) for s in (0, 1)
+    ]
+    rows = aggregate(records)
+    labels = sorted(r["label"] for r in rows)
+    assert labels == ["learned", "learned + coupled(max_pos=32)"]
+    table = markdown_table(rows)
+    assert "answer EM out-of-dist" in table and "0.950 ± 0.000" in table
+    assert "learned + coupled(max_pos=32) | 2 |" in table
+
+
+def test_encoder_tasks_plot_token_accuracy():
+    rows = aggregate([_record(0, 0.0, task="parity_check")])
+    assert rows[0]["curve_metric"] == "token_accuracy" and rows[0]["curve"][3] == [0.25]
+    rows = aggregate([_record(0, 0.0)])
+    assert rows[0]["curve_metric"] == "exact_match" and rows[0]["curve"][3] == [0.5]
