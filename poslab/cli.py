@@ -32,9 +32,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_tasks(args: argparse.Namespace) -> int:
     from poslab import tasks
 
-    for name in tasks.task_names():
-        t = tasks.get_task(name)
-        print(f"{name:<12} {t.suite:<11} length = {t.unit:<8} {t.description}")
+    rows = [(name, tasks.get_task(name)) for name in tasks.task_names()]
+    wn = max(len(n) for n, _ in rows)
+    ws = max(len(t.suite) for _, t in rows)
+    wu = max(len(t.unit) for _, t in rows)
+    for name, t in rows:
+        print(f"{name:<{wn}}  {t.suite:<{ws}}  length = {t.unit:<{wu}}  {t.description}")
     print("aliases: copy = copy_rsc, reverse = rev_mc")
     return 0
 
