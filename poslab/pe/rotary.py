@@ -34,6 +34,11 @@ class RoPE(PositionalEncoding):
         partial_rotary_factor: fraction of each head's channels that rotate (GPT-NeoX 0.25);
             frequencies are spread over the rotated block, as in GPT-NeoX / ``transformers``.
         layout: ``"half"`` (GPT-NeoX / HF Llama) or ``"interleaved"`` (RoFormer / Meta).
+        rope_scaling: a context-extension dict for :func:`poslab.extend.rope_frequencies`
+            (Hugging Face ``rope_scaling`` types and poslab's); its attention factor scales
+            cos and sin. ``dynamic`` and ``longrope`` follow the current length (largest id + 1).
+        max_position_embeddings: the context the scaling is configured for (its ``L'``;
+            ``dynamic`` treats it as the original length, as ``transformers`` does).
     """
 
     paper = "RoFormer: Enhanced Transformer with Rotary Position Embedding, Su, 2021, arXiv 2104.09864"
@@ -41,7 +46,14 @@ class RoPE(PositionalEncoding):
     relative = True
 
     def __init__(
-        self, *, head_dim: int, base: float = 10000.0, partial_rotary_factor: float = 1.0, layout: str = "half"
+        self,
+        *,
+        head_dim: int,
+        base: float = 10000.0,
+        partial_rotary_factor: float = 1.0,
+        layout: str = "half",
+        rope_scaling: dict | None = None,
+        max_position_embeddings: int = 2048,
     ) -> None:
         super().__init__()
         _check_layout(self.name, layout)
@@ -50,9 +62,26 @@ class RoPE(PositionalEncoding):
         self.head_dim, self.base, self.layout = head_dim, base, layout
         self.rot_dim = F.rotary_dim(head_dim, partial_rotary_factor)
         self.register_buffer("inv_freq", F.rope_inv_freq(self.rot_dim, base), persistent=False)
+        self.rope_scaling, self.max_position_embeddings, self.attention_factor = None, max_position_embeddings, 1.0
+        if rope_scaling:
+            self.rope_scaling = dict(rope_scaling)
+            inv_freq, self.attention_factor = self._scaled(None)  # validates the dict now
+            self.inv_freq = inv_freq.to(torch.float64)
+
+    def _scaled(self, seq_len: int | None) -> tuple[Tensor, float]:
+        from poslab.extend import rope_frequencies
+
+        return rope_frequencies(self.rope_scaling, self.rot_dim, self.base, self.max_position_embeddings, seq_len)
 
     def rotary(self, positions: Tensor, dtype: torch.dtype) -> Rotary:
-        cos, sin = F.rope_cos_sin(positions, self.inv_freq, self.layout, dtype)  # (B, 1, T, R)
+        inv_freq, scale = self.inv_freq, None
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind in ("dynamic", "longrope") and positions.numel():  # frequencies follow the length
+                inv_freq = self._scaled(int(positions.max()) + 1)[0].to(torch.float64, copy=False)
+            if self.attention_factor != 1.0:
+                scale = torch.tensor(self.attention_factor, dtype=torch.float64)
+        cos, sin = F.rope_cos_sin(positions, inv_freq, self.layout, dtype, scale=scale)  # (B, 1, T, R)
         return Rotary(cos, sin, cos, sin, self.layout)
 
 
