@@ -1,0 +1,246 @@
+"""Training-free remappings of RoPE distances, as encodings of poslab's models: Self-Extend,
+STRING and LM-Infinite (methods.md 5.5, 5.6, 7.1).
+
+Each computes attention from two rotated copies of q and k (the ordinary one and a remapped
+one), chooses per query-key pair by a mask, and takes one softmax. Keys reach the cache
+unrotated (the encodings are content-dependent), so decoding with the cache equals the full
+forward. Each also gives its dense per-pair distance map (:meth:`effective_distance`), the
+reference the tests compare with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from poslab.attention import causal_mask
+from poslab.pe import functional as F
+from poslab.pe.base import AttentionContext, register
+from poslab.pe.rotary import RoPE
+
+__all__ = ["SelfExtend", "StringRoPE", "LMInfinite"]
+
+
+class _TwoBranchRoPE(RoPE):
+    """RoPE whose logits use remapped ids for some query-key pairs."""
+
+    content_dependent = True
+
+    def _logits(self, q: Tensor, k: Tensor, ids_q: Tensor, ids_k: Tensor) -> Tensor:
+        cos_q, sin_q = F.rope_cos_sin(ids_q, self.inv_freq, self.layout, q.dtype)
+        cos_k, sin_k = F.rope_cos_sin(ids_k, self.inv_freq, self.layout, k.dtype)
+        if self.attention_factor != 1.0:
+            cos_q, sin_q = cos_q * self.attention_factor, sin_q * self.attention_factor
+            cos_k, sin_k = cos_k * self.attention_factor, sin_k * self.attention_factor
+        qr = F.apply_rope(q, cos_q, sin_q, self.layout)
+        kr = F.apply_rope(k, cos_k, sin_k, self.layout)
+        return qr @ kr.transpose(-1, -2)
+
+    def branches(self, pos_q: Tensor, pos_k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(ids_q, ids_k)`` of the remapped branch and ``use_near (B|1, Tq, Tk)``, and the
+        ``allowed`` mask (``None``: every causal pair)."""
+        raise NotImplementedError
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        work = torch.promote_types(q.dtype, torch.float32)
+        qw, kw = q.to(work), k.to(work)
+        near = self._logits(qw, kw, ctx.pos_q, ctx.pos_k)
+        ids_q, ids_k, use_near, allowed = self.branches(ctx.pos_q, ctx.pos_k)
+        far = self._logits(qw, kw, ids_q, ids_k)
+        logits = torch.where(use_near[:, None], near, far) / math.sqrt(q.shape[-1])
+        tq, tk = logits.shape[-2:]
+        keep = causal_mask(tq, tk, q.device) if ctx.causal else torch.ones(tq, tk, dtype=torch.bool, device=q.device)
+        if allowed is not None:
+            keep = keep & allowed
+        logits = logits.masked_fill(~keep, float("-inf"))
+        return (logits.softmax(-1) @ v.to(work)).to(q.dtype)
+
+    def effective_distance(self, pos_q: Tensor, pos_k: Tensor) -> Tensor:
+        """The relative distance each pair's logit sees, ``(B|1, Tq, Tk)`` (dense reference)."""
+        raise NotImplementedError
+
+
+def _distance(pos_q: Tensor, pos_k: Tensor) -> Tensor:
+    return pos_q[:, :, None] - pos_k[:, None, :]
+
+
+@register("self_extend")
+class SelfExtend(_TwoBranchRoPE):
+    """Self-Extend: neighbour attention inside a window, grouped ids beyond it.
+
+    *LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning*, Jin (Hongye), 2024,
+    arXiv 2401.01325. For ``d = i - j``: ``d < W`` uses ordinary ids; otherwise the query
+    gets ``floor(i / G) + W - W / G`` and the key ``floor(j / G)``, so the distance is
+    ``floor(i/G) - floor(j/G) + W - W/G`` (equal to ``W`` at ``d = W``). ``G`` must divide ``W``.
+
+    Args:
+        head_dim, base, partial_rotary_factor, layout, rope_scaling, max_position_embeddings: RoPE's.
+        group_size: ``G``.
+        window: ``W``, the neighbour window.
+    """
+
+    paper = "LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning, Jin (Hongye), 2024, arXiv 2401.01325"
+    integer_positions = True
+
+    def __init__(
+        self,
+        *,
+        head_dim: int,
+        group_size: int = 8,
+        window: int = 1024,
+        base: float = 10000.0,
+        partial_rotary_factor: float = 1.0,
+        layout: str = "half",
+        rope_scaling: dict | None = None,
+        max_position_embeddings: int = 2048,
+    ) -> None:
+        super().__init__(
+            head_dim=head_dim,
+            base=base,
+            partial_rotary_factor=partial_rotary_factor,
+            layout=layout,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_position_embeddings,
+        )
+        for field, value in (("group_size", group_size), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"self_extend: {field} must be an integer >= 1, got {value!r}")
+        if window % group_size:
+            raise ValueError(f"self_extend: group_size={group_size} must divide window={window}")
+        self.group_size, self.window = group_size, window
+
+    def branches(self, pos_q, pos_k):
+        g, w = self.group_size, self.window
+        use_near = _distance(pos_q, pos_k) < w
+        return (
+            torch.div(pos_q, g, rounding_mode="floor") + w - w // g,
+            torch.div(pos_k, g, rounding_mode="floor"),
+            use_near,
+            None,
+        )
+
+    def effective_distance(self, pos_q, pos_k):
+        g, w = self.group_size, self.window
+        d = _distance(pos_q, pos_k)
+        grouped = (
+            torch.div(pos_q, g, rounding_mode="floor")[:, :, None]
+            - torch.div(pos_k, g, rounding_mode="floor")[:, None, :]
+        )
+        return torch.where(d < w, d, grouped + w - w // g)
+
+
+@register("string_rope")
+class StringRoPE(_TwoBranchRoPE):
+    """STRING: distances ``>= S`` are shifted down to ``d - S + W``.
+
+    *Why Does the Effective Context Length of LLMs Fall Short?*, An (Chenxin), 2024, arXiv
+    2410.18745. The far branch rotates queries by ``i - S + W`` and keys by ``j``.
+
+    Args:
+        head_dim, base, partial_rotary_factor, layout, rope_scaling, max_position_embeddings: RoPE's.
+        shift: ``S`` (the README uses ``int(0.33 L)`` for training length ``L``).
+        local: ``W``, the nearest distances kept strictly closest (128).
+    """
+
+    paper = "Why Does the Effective Context Length of LLMs Fall Short?, An (Chenxin), 2024, arXiv 2410.18745"
+
+    def __init__(
+        self,
+        *,
+        head_dim: int,
+        shift: int = 682,
+        local: int = 128,
+        base: float = 10000.0,
+        partial_rotary_factor: float = 1.0,
+        layout: str = "half",
+        rope_scaling: dict | None = None,
+        max_position_embeddings: int = 2048,
+    ) -> None:
+        super().__init__(
+            head_dim=head_dim,
+            base=base,
+            partial_rotary_factor=partial_rotary_factor,
+            layout=layout,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_position_embeddings,
+        )
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 1:
+            raise ValueError(f"string_rope: shift must be an integer >= 1, got {shift!r}")
+        if isinstance(local, bool) or not isinstance(local, int) or not 0 <= local <= shift:
+            raise ValueError(f"string_rope: local must be an integer in [0, shift={shift}], got {local!r}")
+        self.shift, self.local = shift, local
+
+    def branches(self, pos_q, pos_k):
+        return pos_q - self.shift + self.local, pos_k, _distance(pos_q, pos_k) < self.shift, None
+
+    def effective_distance(self, pos_q, pos_k):
+        d = _distance(pos_q, pos_k)
+        return torch.where(d < self.shift, d, d - self.shift + self.local)
+
+
+@register("lm_infinite")
+class LMInfinite(_TwoBranchRoPE):
+    """LM-Infinite: a Lambda-shaped mask (global prefix + local window) and a distance cap.
+
+    *LM-Infinite: Simple On-the-Fly Length Generalization for Large Language Models*, Han
+    (Chi), 2023, arXiv 2308.16137. Query ``i`` sees key ``j <= i`` when ``i - j < L_loc`` or
+    ``j < n_glob`` (by sequence index); global keys outside the window are at distance
+    ``L_cap`` (the key unrotated, the query rotated by ``L_cap``), as the reference code does.
+
+    Args:
+        head_dim, base, partial_rotary_factor, layout, rope_scaling, max_position_embeddings: RoPE's.
+        local: ``L_loc`` (the pre-training length in the paper).
+        n_global: ``n_glob`` (10-100).
+        cap: ``L_cap`` (default ``local``).
+    """
+
+    paper = "LM-Infinite: Simple On-the-Fly Length Generalization for Large Language Models, Han (Chi), 2023, arXiv 2308.16137"
+    causal_only = True
+
+    def __init__(
+        self,
+        *,
+        head_dim: int,
+        local: int = 2048,
+        n_global: int = 10,
+        cap: int | None = None,
+        causal: bool = True,
+        base: float = 10000.0,
+        partial_rotary_factor: float = 1.0,
+        layout: str = "half",
+        rope_scaling: dict | None = None,
+        max_position_embeddings: int = 2048,
+    ) -> None:
+        super().__init__(
+            head_dim=head_dim,
+            base=base,
+            partial_rotary_factor=partial_rotary_factor,
+            layout=layout,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_position_embeddings,
+        )
+        if not causal:
+            raise ValueError("lm_infinite is defined for causal attention only (causal=False was given)")
+        cap = local if cap is None else cap
+        for field, value, low in (("local", local, 1), ("n_global", n_global, 0), ("cap", cap, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"lm_infinite: {field} must be an integer >= {low}, got {value!r}")
+        self.local, self.n_global, self.cap = local, n_global, cap
+
+    def allowed(self, tq: int, tk: int, device) -> Tensor:
+        """``(Tq, Tk)``: inside the local window or a global key (and not in the future)."""
+        i = torch.arange(tk - tq, tk, device=device)[:, None]
+        j = torch.arange(tk, device=device)[None, :]
+        return (j <= i) & ((i - j < self.local) | (j < self.n_global))
+
+    def branches(self, pos_q, pos_k):
+        tq, tk = pos_q.shape[-1], pos_k.shape[-1]
+        use_near = _distance(pos_q, pos_k) < self.local  # far pairs are allowed only for global keys
+        ids_q, ids_k = torch.full_like(pos_q, self.cap), torch.zeros_like(pos_k)  # distance exactly L_cap
+        return ids_q, ids_k, use_near, self.allowed(tq, tk, pos_q.device)
+
+    def effective_distance(self, pos_q, pos_k):
+        d = _distance(pos_q, pos_k)
+        return torch.where(d < self.local, d, torch.full_like(d, self.cap))  # on the allowed pairs

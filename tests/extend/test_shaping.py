@@ -1,0 +1,103 @@
+"""Self-Extend, STRING and LM-Infinite: their distance maps, the two-branch logits against a
+dense per-pair rotation, reduction to RoPE, and cached decoding."""
+
+import math
+
+import pytest
+import torch
+
+from poslab import Transformer, pe
+from poslab.pe import functional as F
+from poslab.pe.base import AttentionContext
+
+CASES = [
+    ("self_extend", {"group_size": 4, "window": 8}),
+    ("string_rope", {"shift": 10, "local": 4}),
+    ("lm_infinite", {"local": 8, "n_global": 3}),
+]
+
+
+def _dense_reference(enc, q, k, v, pos):
+    """Rotate every pair by its own effective distance: q_i . R(d'_ij) k_j (O(T^2 D))."""
+    d = enc.effective_distance(pos, pos)[0].double()  # (T, T)
+    t = q.shape[-2]
+    logits = torch.empty(q.shape[0], q.shape[1], t, t, dtype=q.dtype)
+    for i in range(t):
+        cos, sin = F.rope_cos_sin(d[i], enc.inv_freq, enc.layout, q.dtype)  # (1, 1, T, D)
+        rotated_q = F.apply_rope(q[:, :, i : i + 1].expand(-1, -1, t, -1), cos, sin, enc.layout)
+        logits[:, :, i] = (rotated_q * k).sum(-1)
+    keep = torch.ones(t, t).tril().bool()
+    if hasattr(enc, "allowed"):
+        keep = keep & enc.allowed(t, t, q.device)
+    logits = (logits / math.sqrt(q.shape[-1])).masked_fill(~keep, float("-inf"))
+    return logits.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_two_branch_attention_equals_the_dense_distance_map(name, params):
+    enc = pe.build(name, head_dim=8, **params).double()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 30, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    pos = torch.arange(30)[None]
+    ctx = AttentionContext(pos_q=pos, pos_k=pos, contiguous=True, causal=True)
+    torch.testing.assert_close(enc.attend(q, k, v, ctx), _dense_reference(enc, q, k, v, pos))
+
+
+def test_self_extend_distances_are_continuous_at_the_window():
+    enc = pe.build("self_extend", head_dim=8, group_size=4, window=8)
+    pos = torch.arange(64)[None]
+    d = enc.effective_distance(pos, pos)[0]
+    i = torch.arange(64)[:, None]
+    j = torch.arange(64)[None, :]
+    assert torch.equal(d[i - j < 8], (i - j).expand(64, 64)[i - j < 8])
+    at_window = d[(i - j == 8) & (i % 4 == 0)]
+    assert torch.all(at_window == 8)  # grouped distance equals W at d = W (on group boundaries)
+    assert int(d.max()) == 63 // 4 + 8 - 2  # max grouped distance: floor(i/G) - 0 + W - W/G
+
+
+def test_string_distance_map():
+    enc = pe.build("string_rope", head_dim=8, shift=10, local=4)
+    pos = torch.arange(40)[None]
+    d = enc.effective_distance(pos, pos)[0]
+    causal = torch.ones(40, 40).tril().bool()
+    assert int(d[causal].max()) == 39 - 10 + 4  # L - 1 - S + W
+    assert int(d[9, 0]) == 9 and int(d[10, 0]) == 4  # at d = S it drops to W
+
+
+def test_lm_infinite_sees_the_window_and_the_global_prefix():
+    enc = pe.build("lm_infinite", head_dim=8, local=8, n_global=3)
+    allowed = enc.allowed(40, 40, "cpu")
+    counts = allowed.sum(-1)
+    i = torch.arange(40)
+    assert torch.equal(counts, torch.minimum(i + 1, torch.tensor(8)) + (i - 7).clamp(min=0).clamp(max=3))
+    assert allowed[39, :3].all() and not allowed[39, 3:32].any() and allowed[39, 32:].all()
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_short_inputs_equal_rope_and_caching_equals_the_full_forward(name, params):
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=20, d_model=32, num_layers=2, num_heads=2, pe=name, pe_params=params).eval()
+    rope = Transformer(vocab_size=20, d_model=32, num_layers=2, num_heads=2, pe="rope").eval()
+    rope.load_state_dict(model.state_dict())
+    x = torch.randint(0, 20, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:, :6]), rope(x[:, :6]), atol=1e-5, rtol=1e-5)  # nothing remapped
+        full = model(x)
+        assert not torch.allclose(full, rope(x), atol=1e-4)  # remapped past the window
+        cache = model.new_cache()
+        parts = [model(x[:, :11], cache=cache)] + [model(x[:, i : i + 1], cache=cache) for i in range(11, 30)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,params,match",
+    [
+        ("self_extend", {"group_size": 3, "window": 8}, "must divide window"),
+        ("string_rope", {"shift": 4, "local": 8}, r"local must be an integer in \[0, shift=4\]"),
+        ("lm_infinite", {"local": 0}, "local must be an integer >= 1"),
+        ("lm_infinite", {"causal": False}, "causal"),
+    ],
+)
+def test_bad_parameters_are_named(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        pe.build(name, head_dim=8, **params)
