@@ -312,7 +312,10 @@ class CoPE(PositionalEncoding):
     def positions(self, logits: Tensor) -> Tensor:
         """Contextual positions ``p_ij`` from masked logits ``(..., Tq, Tk)`` (``-inf`` = masked)."""
         gates = torch.sigmoid(logits)
-        return gates.flip(-1).cumsum(-1).flip(-1).clamp(max=self.max_pos - 1)
+        # sum over t = j..i as (row total) - (sum up to j) + g_j: one cumsum, no flipped copies;
+        # rounding can leave a masked entry a hair below 0, hence the clamp at 0
+        total = gates.sum(-1, keepdim=True)
+        return (total - gates.cumsum(-1) + gates).clamp(0, self.max_pos - 1)
 
     def interpolated_bias(self, q: Tensor, pos: Tensor, layer: int = 0) -> Tensor:
         """``w z[ceil p] + (1 - w) z[floor p]`` with ``z = q e^T`` ``(B, H, Tq, P_max)``."""
@@ -320,9 +323,10 @@ class CoPE(PositionalEncoding):
         z = torch.matmul(q, emb.transpose(-1, -2))  # (B, H, Tq, P)
         lo = pos.floor()
         w = pos - lo
-        z_lo = z.gather(-1, lo.long())
-        z_hi = z.gather(-1, pos.ceil().long())
-        return w * z_hi + (1 - w) * z_lo
+        index = lo.long()
+        z_lo = z.gather(-1, index)
+        step = torch.diff(z, dim=-1, append=z[..., -1:])  # z[n + 1] - z[n] (0 at the last slot)
+        return z_lo + w * step.gather(-1, index)  # = w z[ceil p] + (1 - w) z[floor p]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         work = _work_dtype(q)

@@ -83,7 +83,12 @@ class _Math(Task):
 
 
 def _operand(digits: int, rng) -> int:
-    return int(rng.integers(0, 10)) if digits == 1 else int(rng.integers(10 ** (digits - 1), 10**digits))
+    if digits == 1:
+        return int(rng.integers(0, 10))
+    if digits <= 18:  # within int64: one draw (the data of every stored run)
+        return int(rng.integers(10 ** (digits - 1), 10**digits))
+    lead = int(rng.integers(1, 10))  # beyond int64: digit by digit
+    return int(str(lead) + "".join(str(int(d)) for d in rng.integers(0, 10, size=digits - 1)))
 
 
 @register_task("addition")

@@ -26,7 +26,12 @@ DIGITS = [str(d) for d in range(10)]
 
 
 def _operand(digits: int, rng) -> int:
-    return int(rng.integers(0, 10)) if digits == 1 else int(rng.integers(10 ** (digits - 1), 10**digits))
+    """A uniform ``digits``-digit number, drawn digit by digit (any length; int64 stops at 18)."""
+    if digits == 1:
+        return int(rng.integers(0, 10))
+    lead = int(rng.integers(1, 10))
+    rest = rng.integers(0, 10, size=digits - 1)
+    return int(str(lead) + "".join(str(int(d)) for d in rest))
 
 
 class DigitAddition(Task):

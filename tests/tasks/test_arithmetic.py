@@ -98,3 +98,13 @@ def test_polynomial_uses_floor_modulo():
 
     ex = Example("", "", 3, {"x": -2, "terms": [(3, 0), (-1, 2), (2, 3)]})
     assert get_task("poly").solve(ex) == "The answer is 3."
+
+
+def test_addition_operands_can_be_longer_than_int64():
+    from poslab.tasks import get_task
+
+    task = get_task("addition")
+    for ex in task.generate("test", [18, 19, 40], 5, seed=0):
+        a, b = ex.meta["a"], ex.meta["b"]
+        assert max(len(str(a)), len(str(b))) == ex.length
+        assert task.extract_answer(ex.target) == a + b
