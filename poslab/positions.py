@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from poslab.pe.base import check_int
 from poslab.tasks.vocab import Vocabulary
 
 __all__ = [
@@ -367,8 +368,7 @@ def check_scheme(name: str, params: dict[str, Any], vocab: Vocabulary | None = N
     for (scheme_name, field), low in _MINIMUMS.items():
         if scheme_name == name and field in params:
             value = params[field]
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: {field} must be an integer >= {low}, got {value!r}")
+            check_int(name, field, value, low)
     if vocab is not None:
         for field in _TOKEN_FIELDS.get(name, ()):
             default = inspect.signature(scheme(name)).parameters[field].default

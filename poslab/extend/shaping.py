@@ -17,7 +17,7 @@ from torch import Tensor
 
 from poslab.attention import causal_mask
 from poslab.pe import functional as F
-from poslab.pe.base import AttentionContext, register
+from poslab.pe.base import AttentionContext, check_int, register
 from poslab.pe.rotary import RoPE
 
 __all__ = ["SelfExtend", "StringRoPE", "LMInfinite"]
@@ -105,8 +105,7 @@ class SelfExtend(_TwoBranchRoPE):
             max_position_embeddings=max_position_embeddings,
         )
         for field, value in (("group_size", group_size), ("window", window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"self_extend: {field} must be an integer >= 1, got {value!r}")
+            check_int("self_extend", field, value, 1)
         if window % group_size:
             raise ValueError(f"self_extend: group_size={group_size} must divide window={window}")
         self.group_size, self.window = group_size, window
@@ -166,8 +165,7 @@ class StringRoPE(_TwoBranchRoPE):
             rope_scaling=rope_scaling,
             max_position_embeddings=max_position_embeddings,
         )
-        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 1:
-            raise ValueError(f"string_rope: shift must be an integer >= 1, got {shift!r}")
+        check_int("string_rope", "shift", shift, 1)
         if isinstance(local, bool) or not isinstance(local, int) or not 0 <= local <= shift:
             raise ValueError(f"string_rope: local must be an integer in [0, shift={shift}], got {local!r}")
         self.shift, self.local = shift, local
@@ -225,8 +223,7 @@ class LMInfinite(_TwoBranchRoPE):
             raise ValueError("lm_infinite is defined for causal attention only (causal=False was given)")
         cap = local if cap is None else cap
         for field, value, low in (("local", local, 1), ("n_global", n_global, 0), ("cap", cap, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"lm_infinite: {field} must be an integer >= {low}, got {value!r}")
+            check_int("lm_infinite", field, value, low)
         self.local, self.n_global, self.cap = local, n_global, cap
 
     def allowed(self, tq: int, tk: int, device) -> Tensor:

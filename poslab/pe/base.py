@@ -257,6 +257,12 @@ def toeplitz_from_values(values: Tensor, tq: int, tk: int) -> Tensor:
 _REGISTRY: dict[str, type[PositionalEncoding]] = {}
 
 
+def check_int(owner: str, field: str, value, low: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer ``>= low`` (``bool`` is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{owner}: {field} must be an integer >= {low}, got {value!r}")
+
+
 class UnknownEncodingError(ValueError):
     """An encoding name or parameter that does not exist."""
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from poslab.pe import functional as F
-from poslab.pe.base import AttentionBias, PositionalEncoding, Rotary, Site, register
+from poslab.pe.base import AttentionBias, PositionalEncoding, Rotary, Site, check_int, register
 
 __all__ = ["BiPERoPE", "BiPEALiBi"]
 
@@ -32,8 +32,7 @@ class _BiPE(PositionalEncoding):
 
     def __init__(self, *, d_model: int, max_intra: int = 1024, init_std: float = 0.02) -> None:
         super().__init__()
-        if isinstance(max_intra, bool) or not isinstance(max_intra, int) or max_intra < 1:
-            raise ValueError(f"{self.name}: max_intra must be an integer >= 1, got {max_intra!r}")
+        check_int(self.name, "max_intra", max_intra, 1)
         self.max_intra, self.init_std = max_intra, init_std
         self.intra = nn.Embedding(max_intra, d_model)
         self.reset_parameters()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from poslab.attention import attention, causal_mask
-from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Site, register
+from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Site, check_int, register
 
 __all__ = [
     "ShawRelative",
@@ -114,10 +114,8 @@ class ShawRelative(PositionalEncoding):
         query_block: int = 256,
     ) -> None:
         super().__init__()
-        if isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 1:
-            raise ValueError(f"{self.name}: query_block must be an integer >= 1, got {query_block!r}")
-        if isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance < 1:
-            raise ValueError(f"{self.name}: max_distance must be an integer >= 1, got {max_distance!r}")
+        check_int(self.name, "query_block", query_block, 1)
+        check_int(self.name, "max_distance", max_distance, 1)
         if not (key_term or value_term):
             raise ValueError(f"{self.name}: key_term and value_term are both False; enable at least one")
         if init_std < 0:
@@ -235,8 +233,7 @@ class MusicTransformerRelative(ShawRelative):
         init_std: float = 0.02,
         query_block: int = 256,
     ) -> None:
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
-            raise ValueError(f"{self.name}: max_len must be an integer >= 2, got {max_len!r}")
+        check_int(self.name, "max_len", max_len, 2)
         super().__init__(
             num_heads=num_heads,
             head_dim=head_dim,
@@ -297,8 +294,7 @@ class CoPE(PositionalEncoding):
         super().__init__()
         if not causal:
             raise ValueError(f"{self.name} is defined for causal attention only (causal=False was given)")
-        if isinstance(max_pos, bool) or not isinstance(max_pos, int) or max_pos < 2:
-            raise ValueError(f"{self.name}: max_pos must be an integer >= 2, got {max_pos!r}")
+        check_int(self.name, "max_pos", max_pos, 2)
         if init_std < 0:
             raise ValueError(f"{self.name}: init_std must be >= 0, got {init_std}")
         self.max_pos, self.init_std = max_pos, init_std
@@ -488,8 +484,7 @@ class PaTH(PositionalEncoding):
         if not causal:
             raise ValueError(f"{self.name} is defined for causal attention only (causal=False was given)")
         for field, value in (("rank", rank), ("conv", conv), ("chunk", chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{self.name}: {field} must be an integer >= 1, got {value!r}")
+            check_int(self.name, field, value, 1)
         if implementation not in ("chunked", "reference"):
             raise ValueError(f"{self.name}: implementation must be 'chunked' or 'reference', got {implementation!r}")
         self.num_heads, self.head_dim, self.conv_width = num_heads, head_dim, conv
