@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from poslab.tasks.base import Example, Task, register_task
+from poslab.tasks.base import Task, register_task
 from poslab.tasks.kazemnejad import SYM
 from poslab.tasks.vocab import Vocabulary
 
@@ -77,10 +77,6 @@ class _Math(Task):
         found = answer_is(text)
         return None if found is None else unspaced(found)
 
-    def _make(self, prompt: str, length: int, **meta) -> Example:
-        ex = Example(prompt, "", length, meta)
-        return Example(prompt, self.solve(ex), length, meta)
-
 
 def _operand(digits: int, rng) -> int:
     if digits == 1:
@@ -100,7 +96,7 @@ class Addition(_Math):
         other = int(rng.integers(self.min_length, length + 1))  # the shorter operand's digits
         a_len, b_len = (length, other) if rng.integers(0, 2) else (other, length)
         a, b = _operand(a_len, rng), _operand(b_len, rng)
-        return self._make(f"Compute {spaced(a)} + {spaced(b)} ? ", length, a=a, b=b, category=f"{a_len}-by-{b_len}")
+        return self.solved(f"Compute {spaced(a)} + {spaced(b)} ? ", length, a=a, b=b, category=f"{a_len}-by-{b_len}")
 
     def solve(self, example):
         return f"The answer is {spaced(example.meta['a'] + example.meta['b'])}."
@@ -115,7 +111,7 @@ class Polynomial(_Math):
         x = int(rng.integers(-2, 3))
         terms = [(int(rng.integers(-3, 4)), int(rng.integers(0, 4))) for _ in range(length)]
         body = " + ".join(f"{spaced(c)} * x ** {e}" for c, e in terms)
-        return self._make(f"Evaluate at x = {spaced(x)} in {body} ? ", length, x=x, terms=terms)
+        return self.solved(f"Evaluate at x = {spaced(x)} in {body} ? ", length, x=x, terms=terms)
 
     def solve(self, example):
         x = example.meta["x"]
@@ -136,7 +132,7 @@ class _Sort(_Math):
 
     def sample(self, length, rng, index, bin_size):
         items = [int(i) for i in rng.integers(self.low, self.high, size=length)]
-        return self._make(f"Sort the following list [ {', '.join(map(self.show, items))} ]. ", length, items=items)
+        return self.solved(f"Sort the following list [ {', '.join(map(self.show, items))} ]. ", length, items=items)
 
     def solve(self, example):
         return f"The sorted list is [ {', '.join(map(self.show, sorted(example.meta['items'])))} ]."
@@ -180,7 +176,7 @@ class Summation(_Math):
 
     def sample(self, length, rng, index, bin_size):
         values = [int(v) for v in rng.integers(1, 10, size=length)]
-        return self._make(f"Compute: {' + '.join(map(str, values))} .[SEP] ", length, values=values)
+        return self.solved(f"Compute: {' + '.join(map(str, values))} .[SEP] ", length, values=values)
 
     def solve(self, example):
         return f"The answer is {sum(example.meta['values']) % 10} ."
@@ -193,7 +189,7 @@ class Parity(_Math):
 
     def sample(self, length, rng, index, bin_size):
         bits = [int(b) for b in rng.integers(0, 2, size=length)]
-        return self._make(
+        return self.solved(
             f"Is the number of 1's even in the sequence [ {', '.join(map(str, bits))} ] ? ", length, bits=bits
         )
 

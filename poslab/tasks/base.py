@@ -65,6 +65,10 @@ class Task:
         """The target recomputed from ``example.meta`` (the self-check)."""
         raise NotImplementedError
 
+    def solved(self, prompt: str, length: int, **meta) -> Example:
+        """An example whose target is :meth:`solve` of its ``meta``."""
+        return Example(prompt, self.solve(Example(prompt, "", length, meta)), length, meta)
+
     def available_lengths(self, lo: int, hi: int) -> list[int]:
         """Lengths in ``[lo, hi]`` that have examples (all of them, unless a corpus has gaps)."""
         return list(range(lo, hi + 1))

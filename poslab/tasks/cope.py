@@ -9,7 +9,7 @@ Liu et al. 2023 (*Exposing Attention Glitches with Flip-Flop Language Modeling*,
 
 from __future__ import annotations
 
-from poslab.tasks.base import Example, Task, register_task
+from poslab.tasks.base import Task, register_task
 from poslab.tasks.vocab import Vocabulary
 
 __all__ = ["Counting", "SelectiveCopy", "FlipFlop"]
@@ -65,8 +65,7 @@ class Counting(Task):
                 break
         asked = sorted(values)[int(rng.integers(len(values)))]
         prompt = " ".join(statements) + f" print {asked}"
-        ex = Example(prompt, "", length, {"statements": statements, "asked": asked})
-        return Example(prompt, self.solve(ex), length, ex.meta)
+        return self.solved(prompt, length, statements=statements, asked=asked)
 
     def solve(self, example):
         values: dict[str, int] = {}
@@ -116,8 +115,7 @@ class SelectiveCopy(Task):
         for s, d in zip(slots, data):
             row[s] = d
         prompt = " ".join(row) + " |"
-        ex = Example(prompt, "", length, {"data": data, "slots": slots})
-        return Example(prompt, self.solve(ex), length, ex.meta)
+        return self.solved(prompt, length, data=data, slots=slots)
 
     def solve(self, example):
         return " ".join(example.meta["data"])
@@ -155,10 +153,8 @@ class FlipFlop(Task):
             bits.append(bit)
         ops.append("r")
         bits.append(stored)
-        ex = Example("", "", length, {"ops": ops, "bits": bits})
-        target = self.solve(ex)
         scored = [2 * t + 1 for t, op in enumerate(ops) if op == "r"]  # the bit after each read
-        return Example("", target, length, {"ops": ops, "bits": bits, "scored": scored})
+        return self.solved("", length, ops=ops, bits=bits, scored=scored)
 
     def solve(self, example):
         return " ".join(f"{op} {bit}" for op, bit in zip(example.meta["ops"], example.meta["bits"]))

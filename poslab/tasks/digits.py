@@ -52,8 +52,7 @@ class DigitAddition(Task):
         a, b = _operand(a_len, rng), _operand(b_len, rng)
         width = max(a_len, b_len)
         prompt = f"{self.show(a, width)} + {self.show(b, width)} ="
-        ex = Example(prompt, "", length, {"a": a, "b": b})
-        return Example(prompt, self.solve(ex), length, ex.meta)
+        return self.solved(prompt, length, a=a, b=b)
 
     def show(self, n: int, width: int) -> str:
         text = str(n).zfill(width) if self.pad else str(n)

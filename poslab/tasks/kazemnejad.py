@@ -33,8 +33,7 @@ class _Symbolic(Task):
         return [SYM[i] for i in rng.integers(0, len(SYM), size=length)]
 
     def _example(self, source: str, symbols: list[str], length: int, **meta) -> Example:
-        ex = Example(prompt=f"{source} {SEP} ", target="", length=length, meta={"src": symbols, **meta})
-        return Example(ex.prompt, self.solve(ex), length, ex.meta)
+        return self.solved(f"{source} {SEP} ", length, src=symbols, **meta)
 
 
 @register_task("copy_rsc", "copy")

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 
 from poslab.tasks.arithmetic import SortMulti, SortSingle, spaced
-from poslab.tasks.base import Example, Task
+from poslab.tasks.base import Task
 from poslab.tasks.vocab import Vocabulary
 
 __all__ = ["parse_flags", "render", "ScratchpadTask", "SUPPORTED", "scratchpad_steps"]
@@ -247,7 +247,7 @@ class ScratchpadTask(Task):
 
     def sample(self, length, rng, index, bin_size):
         ex = self.base.sample(length, rng, index, bin_size)
-        return Example(ex.prompt, self.solve(ex), length, ex.meta)
+        return self.solved(ex.prompt, length, **ex.meta)
 
     def solve(self, example):
         pad = render(scratchpad_steps(self.base.name, example.meta), self.flags)
