@@ -67,11 +67,13 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "num_heads": args.num_heads,
         "scratchpad": args.scratchpad,
         "positions": args.positions,
+        "attention": args.attention,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
     for flag, field, items in (
         ("--pe-param", "pe_params", args.pe_param),
         ("--positions-param", "positions_params", args.positions_param),
+        ("--attention-param", "attention_params", args.attention_param),
     ):
         for item in items or []:
             if "=" not in item:
@@ -199,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratchpad", help="scratchpad parts, e.g. i1_c1_o1_v1_r1 (math tasks and LEGO)")
     p.add_argument("--positions", help="position-id scheme: contiguous (default) or randomized")
     p.add_argument("--positions-param", action="append", metavar="NAME=VALUE", help="id-scheme parameter, repeatable")
+    p.add_argument("--attention", help="softmax (default) or kernelized_rpe")
+    p.add_argument(
+        "--attention-param", action="append", metavar="NAME=VALUE", help="kernelized attention parameter, repeatable"
+    )
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)

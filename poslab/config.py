@@ -20,6 +20,9 @@ from poslab import tasks
 __all__ = ["RunConfig", "parse_length_range", "load_toml", "ConfigError", "format_validation_error"]
 
 
+ATTENTIONS = ("softmax", "kernelized_rpe")
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field, the value and what is allowed."""
 
@@ -49,6 +52,8 @@ class RunConfig(BaseModel):
     scratchpad: str | None = Field(None, description="scratchpad parts, e.g. i1_c1_o1_v1_r1 (tasks.md 2.13)")
     positions: str = Field("contiguous", description="position-id scheme, see poslab.positions")
     positions_params: dict[str, Any] = Field(default_factory=dict, description="id-scheme parameters")
+    attention: str = Field("softmax", description="softmax, or kernelized_rpe (kernelized attention + Toeplitz RPE)")
+    attention_params: dict[str, Any] = Field(default_factory=dict, description="kernelized attention parameters")
     steps: int = Field(2000, gt=0)
     seed: int = Field(0, ge=0, description="model and batch-order seed")
     data_seed: int = Field(0, ge=0, description="seed of the generated splits")
@@ -76,6 +81,13 @@ class RunConfig(BaseModel):
     def _pe(cls, name: str) -> str:
         if name not in pe_lib.names():
             raise ValueError(f"unknown encoding {name!r}; valid encodings: {', '.join(pe_lib.names())}")
+        return name
+
+    @field_validator("attention")
+    @classmethod
+    def _attention(cls, name: str) -> str:
+        if name not in ATTENTIONS:
+            raise ValueError(f"unknown attention {name!r}; valid: {', '.join(ATTENTIONS)}")
         return name
 
     @field_validator("train_length", "test_length", mode="before")
@@ -128,12 +140,14 @@ class RunConfig(BaseModel):
             num_heads=self.num_heads,
             pe=self.pe,
             pe_params=self.pe_params,
+            attention=self.attention,
+            attention_params=self.attention_params,
         )
         return self
 
     # fields added after runs were stored: left out of the hash while at their default, so
     # earlier run ids stay valid
-    _LATER_FIELDS = {"positions": "contiguous", "positions_params": {}}
+    _LATER_FIELDS = {"positions": "contiguous", "positions_params": {}, "attention": "softmax", "attention_params": {}}
 
     def canonical(self) -> dict[str, Any]:
         """Plain, sorted dict of every field (aliases resolved): what the run id hashes."""

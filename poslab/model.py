@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from poslab import pe as pe_lib
 from poslab.attention import BACKENDS, attention
+from poslab.kernels import kernelized as kernel_lib
 from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Rotary, Site
 
 __all__ = ["TransformerConfig", "Transformer", "KVCache"]
@@ -41,6 +42,10 @@ class TransformerConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tie_embeddings: bool = True
     attention_backend: str = Field("auto", description="one of " + ", ".join(BACKENDS))
+    attention: Literal["softmax", "kernelized_rpe"] = Field(
+        "softmax", description="softmax attention, or kernelized attention with a Toeplitz RPE (poslab.kernels)"
+    )
+    attention_params: dict[str, Any] = Field(default_factory=dict, description="kernelized attention parameters")
 
     @field_validator("pe")
     @classmethod
@@ -71,11 +76,48 @@ class TransformerConfig(BaseModel):
                     build_encoding(self)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"pe_params {self.pe_params} for encoding {self.pe!r}: {err}") from None
+        if self.attention == "kernelized_rpe":
+            _check_kernelized(self)
+        elif self.attention_params:
+            raise ValueError(
+                f"attention_params {self.attention_params} need attention='kernelized_rpe' (attention is 'softmax')"
+            )
         return self
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+
+def _check_kernelized(config: TransformerConfig) -> None:
+    """Kernelized attention never forms logits: encodings acting there cannot join it."""
+    encoding = pe_lib.get(config.pe)
+    if encoding.content_dependent or Site.LOGITS in encoding.sites:
+        fits = [
+            n for n in pe_lib.names() if Site.LOGITS not in pe_lib.get(n).sites and not pe_lib.get(n).content_dependent
+        ]
+        raise ValueError(
+            f"pe={config.pe!r} acts on the attention logits, which attention='kernelized_rpe' never forms "
+            f"(its own RPE is the relative term); encodings that fit: {', '.join(fits)}"
+        )
+    unknown = set(config.attention_params) - set(kernel_lib.PARAMETERS)
+    if unknown:
+        raise ValueError(
+            f"attention_params {sorted(unknown)} are not parameters of kernelized_rpe; "
+            f"valid: {', '.join(kernel_lib.PARAMETERS)}"
+        )
+    try:
+        _kernel(config, 0)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"attention_params {config.attention_params}: {err}") from None
+
+
+def _kernel(config: TransformerConfig, layer: int) -> kernel_lib.KernelizedRPEAttention:
+    params = dict(config.attention_params)
+    params["seed"] = params.get("seed", 0) + layer  # each layer its own random features
+    return kernel_lib.KernelizedRPEAttention(
+        config.num_heads, config.head_dim, causal=config.causal, max_len=config.max_seq_len, **params
+    )
 
 
 def build_encoding(config: TransformerConfig) -> PositionalEncoding:
@@ -137,9 +179,10 @@ def _norm(config: TransformerConfig) -> nn.Module:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.kernel = _kernel(config, layer) if config.attention == "kernelized_rpe" else None
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.num_kv_heads = config.num_kv_heads or config.num_heads
         self.qkv = nn.Linear(config.d_model, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
@@ -153,6 +196,7 @@ class SelfAttention(nn.Module):
         cache: KVCache | None,
         layer: int,
         content: tuple[PositionalEncoding, AttentionContext] | None = None,
+        ids: AttentionContext | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
@@ -169,24 +213,26 @@ class SelfAttention(nn.Module):
             encoding, ctx = content
             state = cache.states[layer] if cache is not None else None
             y = encoding.attend(q, k, v, dataclasses.replace(ctx, x=x, layer=layer, state=state))
+        elif self.kernel is not None:
+            y = self.kernel(q, k, v, ids.pos_q, ids.pos_k, ids.contiguous)
         else:
             y = attention(q, k, v, causal=self.config.causal, bias=bias, backend=self.config.attention_backend)
         return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d_model)
 
 
 class Block(nn.Module):
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
         d_ff = config.d_ff or 4 * config.d_model
         self.norm1, self.norm2 = _norm(config), _norm(config)
-        self.attn = SelfAttention(config)
+        self.attn = SelfAttention(config, layer)
         self.mlp = nn.Sequential(
             nn.Linear(config.d_model, d_ff, bias=False), nn.GELU(), nn.Linear(d_ff, config.d_model, bias=False)
         )
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, bias, cache, layer, content=None):
-        x = x + self.drop(self.attn(self.norm1(x), rotary, bias, cache, layer, content))
+    def forward(self, x, rotary, bias, cache, layer, content=None, ids=None):
+        x = x + self.drop(self.attn(self.norm1(x), rotary, bias, cache, layer, content, ids))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -212,7 +258,7 @@ class Transformer(nn.Module):
         self.config = config
         self.pe = build_encoding(config)
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.norm = _norm(config)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -222,7 +268,7 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialization: N(0, 0.02^2), residual projections scaled by 1/sqrt(2 L)."""
         for name, p in self.named_parameters():
-            if name.startswith("pe."):
+            if name.startswith("pe.") or ".kernel." in name:
                 continue
             if p.dim() >= 2:
                 std = 0.02
@@ -231,6 +277,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
         if hasattr(self.pe, "reset_parameters"):
             self.pe.reset_parameters()
+        for block in self.blocks:
+            if block.attn.kernel is not None:
+                block.attn.kernel.reset_parameters()
 
     def new_cache(self) -> KVCache:
         """An empty cache for :meth:`forward` (decoder only)."""
@@ -275,6 +324,14 @@ class Transformer(nn.Module):
             rotary = self.pe.rotary(position_ids, x.dtype)
         bias = content = None
         pos_k = position_ids if cache is None else self._key_positions(cache, position_ids)
+        ids = None
+        if self.config.attention == "kernelized_rpe":
+            if position_ids.dim() != 2:
+                raise ValueError(
+                    f"attention='kernelized_rpe' takes one id per token, got position_ids of shape "
+                    f"{tuple(position_ids.shape)}"
+                )
+            ids = AttentionContext(pos_q=position_ids, pos_k=pos_k, contiguous=contiguous, causal=self.config.causal)
         if self.pe.content_dependent:
             ctx = AttentionContext(
                 pos_q=position_ids,
@@ -292,7 +349,7 @@ class Transformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             layer_bias = bias[layer] if isinstance(bias, list) else bias  # per-layer parameter sets
             layer_rotary = rotary[layer] if isinstance(rotary, list) else rotary
-            x = block(x, layer_rotary, layer_bias, cache, layer, content)
+            x = block(x, layer_rotary, layer_bias, cache, layer, content, ids)
         return self.head(self.norm(x))
 
     @staticmethod

@@ -35,6 +35,9 @@ def setting_label(cfg: dict[str, Any]) -> str:
         label += f" + {cfg['positions']}" + (f"({params})" if params else "")
     if cfg.get("scratchpad"):
         label += f" + scratchpad {cfg['scratchpad']}"
+    if cfg.get("attention", "softmax") != "softmax":
+        params = ", ".join(f"{k}={v}" for k, v in sorted(cfg.get("attention_params", {}).items()))
+        label += f" + {cfg['attention']}" + (f"({params})" if params else "")
     return label
 
 
@@ -97,6 +100,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ),
                 "ood_per_seed": ood,
                 "curve": curve,
+                "loss_curves": [r["train"]["loss_curve"] for r in recs if r.get("train", {}).get("loss_curve")],
             }
         )
     return rows
@@ -160,8 +164,42 @@ def plot_task(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path:
     return path
 
 
+def plot_training(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path | None:
+    """Training loss against step for one task, one line per setting (mean over seeds, band
+    min-max); writes a PNG, or returns None when no run of the task recorded its curve."""
+    rows = [r for r in rows if r["task"] == task and r["loss_curves"]]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for r in rows:
+        steps = sorted({int(s) for curve in r["loss_curves"] for s, _ in curve})
+        by_step = [[v for curve in r["loss_curves"] for s, v in curve if int(s) == step] for step in steps]
+        line = ax.plot(steps, [statistics.fmean(v) for v in by_step], linewidth=1.4)[0]
+        line.set_label(f"{r['label']} (n={len(r['loss_curves'])})")
+        if len(r["loss_curves"]) > 1:
+            ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], alpha=0.15)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (target tokens)")
+    ax.set_title(f"{task}: training loss (line: mean over seeds; band: min-max)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str = "poslab report") -> dict[str, Path]:
-    """Write ``report.md``, one ``<task>.png`` per task and a self-contained ``report.html``."""
+    """Write ``report.md``, one ``<task>.png`` per task (accuracy against length), one
+    ``<task>_training.png`` (training loss against step) and a self-contained ``report.html``."""
     if not records:
         raise ValueError("no finished runs to report; run `poslab run` or `poslab sweep` first")
     out = Path(out_dir)
@@ -170,6 +208,10 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
     table = markdown_table(rows)
     tasks = sorted({r["task"] for r in rows})
     pngs = {t: plot_task(rows, t, out / f"{t}.png") for t in tasks}
+    for t in tasks:
+        training = plot_training(rows, t, out / f"{t}_training.png")
+        if training is not None:
+            pngs[f"{t} training"] = training
     md = [
         f"# {title}",
         "",

@@ -95,6 +95,7 @@ def execute(
         "train": {
             "steps": config.steps,
             "final_loss": sum(tail) / max(1, len(tail)),
+            "loss_curve": loss_curve(result.losses),
             "seconds": round(result.seconds, 2),
             "resumed_from_step": result.resumed_from,
             "parameters": sum(p.numel() for p in result.model.parameters()),
@@ -112,3 +113,12 @@ def execute(
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(run_dir / "record.json")
     return record
+
+
+def loss_curve(losses: list[float], points: int = 100) -> list[list[float]]:
+    """The training loss in about ``points`` windows: ``[[last step of the window, mean loss], ...]``."""
+    width = max(1, -(-len(losses) // points))
+    return [
+        [min(start + width, len(losses)), sum(losses[start : start + width]) / len(losses[start : start + width])]
+        for start in range(0, len(losses), width)
+    ]

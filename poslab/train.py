@@ -75,6 +75,8 @@ def build_model(config: RunConfig, vocab_size: int, max_seq_len: int, causal: bo
         pe=config.pe,
         pe_params=config.pe_params,
         max_seq_len=max_seq_len,
+        attention=config.attention,
+        attention_params=config.attention_params,
     )
 
 

@@ -29,6 +29,9 @@ def test_defaults_and_aliases_hash_the_same():
             r"unknown id scheme 'bogus'; valid schemes: abacus, bilevel, contiguous, coupled, randomized",
         ),
         ({"positions": "randomized", "positions_params": {"L": 3}}, r"unknown parameter\(s\) L .*valid: max_len"),
+        ({"attention": "linear"}, r"attention: unknown attention 'linear'; valid: softmax, kernelized_rpe"),
+        ({"attention": "kernelized_rpe", "pe": "t5"}, r"pe='t5' acts on the attention logits"),
+        ({"attention": "kernelized_rpe", "attention_params": {"rpe": "x"}}, r"rpe='x' is not one of"),
     ],
 )
 def test_bad_config_names_field_value_and_choices(fields, pattern):
@@ -48,3 +51,6 @@ def test_later_fields_at_their_default_keep_earlier_run_ids():
     assert RunConfig.create(task="copy", pe="alibi", positions="contiguous").run_id() == plain.run_id()
     randomized = RunConfig.create(task="copy", pe="alibi", positions="randomized")
     assert randomized.canonical()["positions"] == "randomized" and randomized.run_id() != plain.run_id()
+    assert "attention" not in plain.canonical() and "attention_params" not in plain.canonical()
+    kernelized = RunConfig.create(task="copy", pe="nope", attention="kernelized_rpe")
+    assert kernelized.canonical()["attention"] == "kernelized_rpe"

@@ -171,3 +171,73 @@ def test_validating_a_config_does_not_consume_random_numbers():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(torch.rand(3), after)
+
+
+KERNELIZED = [
+    ("nope", {}),
+    ("rope", {"qk_norm": "l2", "qk_scale": "learned"}),
+    ("learned", {"feature_map": "elu", "rpe": "shared", "max_distance": 6}),
+    ("nope", {"method": "fft"}),
+]
+
+
+def _kernelized(name, params, **kw):
+    model = _model(name, attention="kernelized_rpe", attention_params=params, **kw)
+    with torch.no_grad():  # a nonzero RPE, so the relative term is exercised
+        for block in model.blocks:
+            block.attn.kernel.rpe.normal_()
+    return model
+
+
+@pytest.mark.parametrize("name,params", KERNELIZED)
+def test_kernelized_attention_cache_and_causality(name, params):
+    model = _kernelized(name, params)
+    x = torch.randint(0, 50, (3, 40))
+    with torch.no_grad():
+        full = model(x)
+        for chunks in [(1,) * 40, (13, 1, 1, 25)]:
+            cache, parts, start = model.new_cache(), [], 0
+            for n in chunks:
+                parts.append(model(x[:, start : start + n], cache=cache))
+                start += n
+            torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+        y = x.clone()
+        y[:, 17:] = torch.randint(0, 50, (3, 23))
+        torch.testing.assert_close(model(y)[:, :17], full[:, :17], atol=1e-5, rtol=1e-5)
+        if name == "nope":  # shifted explicit ids (the general path): same differences, same logits
+            ids = torch.arange(40)[None] + 5
+            torch.testing.assert_close(model(x, position_ids=ids), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kernelized_attention_layers_draw_their_own_features_and_train():
+    model = _kernelized("nope", {"qk_norm": "l2", "qk_scale": 4.0}).train()
+    w = [block.attn.kernel.projection for block in model.blocks]
+    assert not torch.equal(w[0], w[1])
+    assert all(block.attn.kernel.rpe.abs().sum() > 0 for block in model.blocks)
+    model.reset_parameters()  # the RPE starts at 0 (a plain Performer), not at N(0, 0.02)
+    assert all(block.attn.kernel.rpe.abs().sum() == 0 for block in model.blocks)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 50, (8, 17))
+    losses = []
+    for _ in range(30):
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(block.attn.kernel.rpe.abs().sum() > 0 for block in model.blocks)  # the RPE learned
+
+
+def test_kernelized_attention_config_errors():
+    with pytest.raises(ValidationError, match="pe='alibi' acts on the attention logits.*encodings that fit: .*rope"):
+        Transformer(vocab_size=5, pe="alibi", attention="kernelized_rpe")
+    with pytest.raises(ValidationError, match=r"attention_params \['features'\] are not parameters.*num_features"):
+        Transformer(vocab_size=5, pe="nope", attention="kernelized_rpe", attention_params={"features": 3})
+    with pytest.raises(ValidationError, match="feature_map='cos' is not one of"):
+        Transformer(vocab_size=5, pe="nope", attention="kernelized_rpe", attention_params={"feature_map": "cos"})
+    with pytest.raises(ValidationError, match="need attention='kernelized_rpe'"):
+        Transformer(vocab_size=5, pe="nope", attention_params={"rpe": "shared"})
+    with pytest.raises(ValidationError, match="attention"):
+        Transformer(vocab_size=5, pe="nope", attention="linear")

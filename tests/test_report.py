@@ -30,6 +30,19 @@ def test_report_table_plot_and_html(tmp_path):
     page = paths["html"].read_text()
     assert "data:image/png;base64," in page and "<table>" in page and "nope" in page
     assert "copy_rsc.png" in paths["markdown"].read_text()
+    curve = records[0]["train"]["loss_curve"]  # 8 steps: one window per step
+    assert [s for s, _ in curve] == list(range(1, 9)) and all(v > 0 for _, v in curve)
+    training = paths["png:copy_rsc training"].read_bytes()
+    assert training[:8] == b"\x89PNG\r\n\x1a\n" and "copy_rsc_training.png" in paths["markdown"].read_text()
+
+
+def test_loss_curve_windows_average_the_losses():
+    from poslab.runner import loss_curve
+
+    losses = [float(i) for i in range(1, 251)]
+    curve = loss_curve(losses, points=100)  # windows of 3 steps, the last one of 1
+    assert curve[0] == [3, 2.0] and curve[-1] == [250, 250.0] and len(curve) == 84
+    assert loss_curve([5.0], points=100) == [[1, 5.0]]
 
 
 def _record(seed, ood, curve_key="exact_match", answer=None, **cfg):
