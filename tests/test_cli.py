@@ -175,6 +175,27 @@ def test_every_run_flag_reaches_the_config(tmp_path, capsys):
     assert "has no scratchpad" in capsys.readouterr().err
 
 
+def test_attention_flags_reach_the_config():
+    from poslab.cli import _run_fields, build_parser
+    from poslab.config import RunConfig
+
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--pe",
+            "nope",
+            "--attention",
+            "kernelized_rpe",
+            "--attention-param",
+            "qk_norm=l2",
+            "--attention-param",
+            "num_features=16",
+        ]
+    )
+    cfg = RunConfig.create(**_run_fields(args))
+    assert cfg.attention == "kernelized_rpe" and cfg.attention_params == {"qk_norm": "l2", "num_features": 16}
+
+
 def test_report_command_writes_table_plots_and_page(tmp_path, capsys):
     db = str(tmp_path / "r.sqlite")
     base = [
