@@ -139,6 +139,46 @@ def randomized(
     return ids.to(device=device) + offset
 
 
+@register_scheme("pose")
+def pose(
+    batch_size: int,
+    length: int,
+    *,
+    target_length: int = 2048,
+    chunks: int = 2,
+    per_batch: bool = True,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    tokens: Tensor | None = None,
+    vocab: Vocabulary | None = None,
+) -> Tensor:
+    """PoSE ids: in training, ``chunks`` chunks of the sequence with non-decreasing skips, so
+    the ids span up to ``target_length``; contiguous at evaluation.
+
+    *PoSE: Efficient Context Window Extension of LLMs via Positional Skip-wise Training*, Zhu,
+    2023, arXiv 2309.10400 (see :mod:`poslab.extend.pose`; here the content stays in place and
+    only the ids skip).
+
+    Returns:
+        ``(1 or B, T)`` int64 ids.
+    """
+    from poslab.extend.pose import pose_ids
+
+    if length > target_length:
+        raise ValueError(
+            f"pose: a sequence of length {length} needs target_length >= {length}, got target_length={target_length}"
+        )
+    if not training or length == 0:
+        return contiguous(1 if per_batch else batch_size, length, offset=offset, device=device)
+    rows = [
+        pose_ids(length, target_length, chunks=chunks, generator=generator)
+        for _ in range(1 if per_batch else batch_size)
+    ]
+    return torch.stack(rows).to(device=device) + offset
+
+
 def _token_ids(scheme_name: str, field: str, values, vocab: Vocabulary | None) -> list[int]:
     """Token ids for ``values`` (token texts, or ids when there is no vocabulary)."""
     if isinstance(values, (str, int)):
@@ -350,7 +390,13 @@ def scheme_parameters(name: str) -> list[str]:
 
 
 _TOKEN_FIELDS = {"abacus": ("digits",), "coupled": ("digits", "operators", "equals"), "bilevel": ("separators",)}
-_MINIMUMS = {("abacus", "max_offset"): 0, ("coupled", "max_pos"): 3, ("bilevel", "max_intra"): 1}
+_MINIMUMS = {
+    ("abacus", "max_offset"): 0,
+    ("coupled", "max_pos"): 3,
+    ("bilevel", "max_intra"): 1,
+    ("pose", "target_length"): 1,
+    ("pose", "chunks"): 1,
+}
 
 
 def check_scheme(name: str, params: dict[str, Any], vocab: Vocabulary | None = None) -> None:
@@ -387,6 +433,8 @@ def table_size(name: str, params: dict[str, Any], longest: int) -> int:
     """Positions a table-based encoding must hold under scheme ``name``."""
     if name == "randomized":
         return max(longest, int(params.get("max_len", 2048)))
+    if name == "pose":
+        return max(longest, int(params.get("target_length", 2048)))
     if name == "abacus":  # a digit run is shorter than the sequence; training adds up to K
         return longest + int(params.get("max_offset", 100)) + 1
     if name == "coupled":

@@ -82,12 +82,13 @@ def build_model(config: RunConfig, vocab_size: int, max_seq_len: int, causal: bo
 
 def check_positions(config: RunConfig, longest: int) -> None:
     """Fail before training when the id scheme cannot cover the longest sequence."""
-    if config.positions == "randomized":
-        max_len = int(config.positions_params.get("max_len", 2048))
-        if max_len < longest:
+    field = {"randomized": "max_len", "pose": "target_length"}.get(config.positions)
+    if field is not None:
+        cover = int(config.positions_params.get(field, 2048))
+        if cover < longest:
             raise ConfigError(
-                f"positions_params.max_len={max_len} is shorter than the longest sequence of this run "
-                f"({longest} tokens); randomized ids must cover every evaluated length"
+                f"positions_params.{field}={cover} is shorter than the longest sequence of this run "
+                f"({longest} tokens); {config.positions} ids must cover every evaluated length"
             )
 
 

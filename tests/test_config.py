@@ -26,7 +26,7 @@ def test_defaults_and_aliases_hash_the_same():
         ({"pe": "p_rope", "pe_params": {"fraction": 1.5}}, r"pe_params .*fraction must be in \[0, 1\], got 1.5"),
         (
             {"positions": "bogus"},
-            r"unknown id scheme 'bogus'; valid schemes: abacus, bilevel, contiguous, coupled, randomized",
+            r"unknown id scheme 'bogus'; valid schemes: abacus, bilevel, contiguous, coupled, pose, randomized",
         ),
         ({"positions": "randomized", "positions_params": {"L": 3}}, r"unknown parameter\(s\) L .*valid: max_len"),
         ({"attention": "linear"}, r"attention: unknown attention 'linear'; valid: softmax, kernelized_rpe"),

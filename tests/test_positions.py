@@ -12,7 +12,7 @@ def test_contiguous_ids():
 
 def test_scheme_registry_lists_names():
     assert positions.scheme("contiguous") is positions.contiguous
-    with pytest.raises(ValueError, match="valid schemes: abacus, bilevel, contiguous, coupled, randomized"):
+    with pytest.raises(ValueError, match="valid schemes: abacus, bilevel, contiguous, coupled, pose, randomized"):
         positions.scheme("random")
 
 
