@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from poslab import pe as pe_lib
 from poslab.attention import BACKENDS, attention
+from poslab.extend.masks import LOGIT_SCALES, LogitScale, keep_in_cache, window_allowed
 from poslab.kernels import kernelized as kernel_lib
 from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Rotary, Site
 
@@ -46,6 +47,10 @@ class TransformerConfig(BaseModel):
         "softmax", description="softmax attention, or kernelized attention with a Toeplitz RPE (poslab.kernels)"
     )
     attention_params: dict[str, Any] = Field(default_factory=dict, description="kernelized attention parameters")
+    window: int | None = Field(None, gt=0, description="sliding window W (causal: 0 <= i - j < W); None = full")
+    sinks: int = Field(0, ge=0, description="first keys every query sees (attention sinks); needs a window")
+    logit_scale: str = Field("none", description="per-query logit temperature, one of " + ", ".join(LOGIT_SCALES))
+    logit_scale_params: dict[str, Any] = Field(default_factory=dict, description="train_length, init")
 
     @field_validator("pe")
     @classmethod
@@ -76,6 +81,7 @@ class TransformerConfig(BaseModel):
                     build_encoding(self)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"pe_params {self.pe_params} for encoding {self.pe!r}: {err}") from None
+        _check_shaping(self)
         if self.attention == "kernelized_rpe":
             _check_kernelized(self)
         elif self.attention_params:
@@ -87,6 +93,25 @@ class TransformerConfig(BaseModel):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+
+def _check_shaping(config: TransformerConfig) -> None:
+    """Windows and sinks are masks of the softmax path; a logit scale must build."""
+    if config.window is not None or config.sinks:
+        if config.window is None:
+            raise ValueError(f"sinks={config.sinks} needs a window (sinks are kept beside a sliding window)")
+        encoding = pe_lib.get(config.pe)
+        if encoding.content_dependent:
+            raise ValueError(
+                f"window={config.window} cannot shape pe={config.pe!r}: it computes its own attention "
+                "(content-dependent encodings take no mask policy)"
+            )
+        if config.attention != "softmax":
+            raise ValueError(f"window={config.window} needs attention='softmax', got {config.attention!r}")
+    unknown = set(config.logit_scale_params) - {"train_length", "init"}
+    if unknown:
+        raise ValueError(f"logit_scale_params {sorted(unknown)} are not known; valid: train_length, init")
+    LogitScale(config.logit_scale, config.num_heads, **config.logit_scale_params)
 
 
 def _check_kernelized(config: TransformerConfig) -> None:
@@ -148,17 +173,25 @@ class KVCache:
         self.values: list[Tensor | None] = [None] * num_layers
         self.states: list[dict] = [{} for _ in range(num_layers)]  # content-dependent encodings
         self.positions: Tensor | None = None  # (B or 1, Tk)
+        self.indices: Tensor | None = None  # (Tk,) sequence index of every cached key
+        self.seen = 0  # tokens processed so far (cached or dropped)
         self.contiguous = True  # ids so far were 0..Tk-1 in every row
+        self.keep: Tensor | None = None  # this step: which earlier keys a window policy keeps
 
     @property
     def length(self) -> int:
-        return 0 if self.positions is None else self.positions.shape[1]
+        """Tokens processed so far: the sequence index of the next token."""
+        return self.seen
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append this step's ``(B, H_kv, T, D)`` keys/values; return all of them."""
+        """Append this step's ``(B, H_kv, T, D)`` keys/values; return all of them (after
+        dropping the keys a window policy no longer needs)."""
         if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=-2)
-            v = torch.cat((self.values[layer], v), dim=-2)
+            old_k, old_v = self.keys[layer], self.values[layer]
+            if self.keep is not None:
+                old_k, old_v = old_k[..., self.keep, :], old_v[..., self.keep, :]
+            k = torch.cat((old_k, k), dim=-2)
+            v = torch.cat((old_v, v), dim=-2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
@@ -178,11 +211,37 @@ def _norm(config: TransformerConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model) if config.norm == "layernorm" else RMSNorm(config.d_model)
 
 
+@dataclasses.dataclass
+class _Queries:
+    """Per-forward facts about the queries that logit scales read."""
+
+    idx: Tensor  # (Tq,) sequence indices
+    visible: Tensor  # (Tq,) keys each query sees
+    total: int  # keys in this forward
+
+
+def _with_policy(bias: AttentionBias | list | None, allowed: Tensor) -> AttentionBias | list:
+    """The bias with the keys a mask policy hides at float32's minimum."""
+    hidden = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    hidden = hidden.masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]  # (1, 1, Tq, Tk)
+    if bias is None:
+        return AttentionBias(dense=hidden)
+    if isinstance(bias, list):
+        return [_with_policy(b, allowed) for b in bias]
+    dense = torch.where(allowed, bias.dense, torch.finfo(torch.float32).min)
+    return AttentionBias(dense=dense, relative_values=bias.relative_values, band=bias.band)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
         self.config = config
         self.kernel = _kernel(config, layer) if config.attention == "kernelized_rpe" else None
+        self.logit_scale = (
+            LogitScale(config.logit_scale, config.num_heads, **config.logit_scale_params)
+            if config.logit_scale != "none"
+            else None
+        )
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.num_kv_heads = config.num_kv_heads or config.num_heads
         self.qkv = nn.Linear(config.d_model, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
@@ -197,6 +256,7 @@ class SelfAttention(nn.Module):
         layer: int,
         content: tuple[PositionalEncoding, AttentionContext] | None = None,
         ids: AttentionContext | None = None,
+        queries: _Queries | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
@@ -204,6 +264,10 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
         if rotary is not None:
             q, k = rotary.rotate_q(q), rotary.rotate_k(k)
+        if self.logit_scale is not None and queries is not None:
+            tau = self.logit_scale(queries.idx, queries.visible, queries.total)
+            if tau is not None:
+                q = q * tau.to(q.dtype)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, Tk, D)
         if self.num_kv_heads != self.num_heads:
@@ -231,8 +295,8 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, bias, cache, layer, content=None, ids=None):
-        x = x + self.drop(self.attn(self.norm1(x), rotary, bias, cache, layer, content, ids))
+    def forward(self, x, rotary, bias, cache, layer, content=None, ids=None, queries=None):
+        x = x + self.drop(self.attn(self.norm1(x), rotary, bias, cache, layer, content, ids, queries))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -268,7 +332,7 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialization: N(0, 0.02^2), residual projections scaled by 1/sqrt(2 L)."""
         for name, p in self.named_parameters():
-            if name.startswith("pe.") or ".kernel." in name:
+            if name.startswith("pe.") or ".kernel." in name or ".logit_scale." in name:
                 continue
             if p.dim() >= 2:
                 std = 0.02
@@ -323,6 +387,26 @@ class Transformer(nn.Module):
         if Site.QK in sites and not self.pe.content_dependent:  # content ones transform q/k in attend
             rotary = self.pe.rotary(position_ids, x.dtype)
         bias = content = None
+        idx_q = torch.arange(past, past + t, device=input_ids.device)
+        idx_k = idx_q
+        if cache is not None:
+            keep = None
+            policy = (
+                (self.config.window, self.config.sinks)
+                if self.config.window
+                else getattr(self.pe, "cache_window", None)
+            )
+            if policy is not None and cache.indices is not None:
+                keep = keep_in_cache(cache.indices, past, window=policy[0], sinks=policy[1])
+                if bool(keep.all()):
+                    keep = None
+                else:  # keys no later query can see leave the cache (all layers, this step)
+                    cache.positions = cache.positions[:, keep]
+                    cache.indices = cache.indices[keep]
+                    contiguous = False
+            cache.keep = keep
+            if cache.indices is not None:
+                idx_k = torch.cat((cache.indices, idx_q))
         pos_k = position_ids if cache is None else self._key_positions(cache, position_ids)
         ids = None
         if self.config.attention == "kernelized_rpe":
@@ -339,17 +423,31 @@ class Transformer(nn.Module):
                 contiguous=contiguous,
                 causal=self.config.causal,
                 backend=self.config.attention_backend,
+                idx_q=idx_q,
+                idx_k=idx_k,
             )
             content = (self.pe, ctx)
         elif Site.LOGITS in sites:
             bias = self.pe.logits_bias(position_ids, pos_k, contiguous=contiguous, causal=self.config.causal)
+        queries = None
+        if self.config.window is not None:
+            allowed = window_allowed(
+                idx_q, idx_k, causal=self.config.causal, window=self.config.window, sinks=self.config.sinks
+            )
+            bias = _with_policy(bias, allowed)
+            queries = _Queries(idx_q, allowed.sum(-1).to(torch.float32), idx_k.shape[0])
+        elif self.config.logit_scale != "none":
+            visible = (idx_q + 1).to(torch.float32) if self.config.causal else torch.full((t,), float(idx_k.shape[0]))
+            queries = _Queries(idx_q, visible, idx_k.shape[0])
         if cache is not None:
-            cache.positions = self._key_positions(cache, position_ids)
+            cache.positions = pos_k
+            cache.indices = idx_k
+            cache.seen = past + t
             cache.contiguous = contiguous
         for layer, block in enumerate(self.blocks):
             layer_bias = bias[layer] if isinstance(bias, list) else bias  # per-layer parameter sets
             layer_rotary = rotary[layer] if isinstance(rotary, list) else rotary
-            x = block(x, layer_rotary, layer_bias, cache, layer, content, ids)
+            x = block(x, layer_rotary, layer_bias, cache, layer, content, ids, queries)
         return self.head(self.norm(x))
 
     @staticmethod

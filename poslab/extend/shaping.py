@@ -48,6 +48,8 @@ class _TwoBranchRoPE(RoPE):
         qw, kw = q.to(work), k.to(work)
         near = self._logits(qw, kw, ctx.pos_q, ctx.pos_k)
         ids_q, ids_k, use_near, allowed = self.branches(ctx.pos_q, ctx.pos_k)
+        if allowed is not None and ctx.idx_k is not None:  # by sequence index: the cache may drop keys
+            allowed = self.allowed_at(ctx.idx_q, ctx.idx_k)
         far = self._logits(qw, kw, ids_q, ids_k)
         logits = torch.where(use_near[:, None], near, far) / math.sqrt(q.shape[-1])
         tq, tk = logits.shape[-2:]
@@ -228,9 +230,17 @@ class LMInfinite(_TwoBranchRoPE):
 
     def allowed(self, tq: int, tk: int, device) -> Tensor:
         """``(Tq, Tk)``: inside the local window or a global key (and not in the future)."""
-        i = torch.arange(tk - tq, tk, device=device)[:, None]
-        j = torch.arange(tk, device=device)[None, :]
+        return self.allowed_at(torch.arange(tk - tq, tk, device=device), torch.arange(tk, device=device))
+
+    def allowed_at(self, idx_q: Tensor, idx_k: Tensor) -> Tensor:
+        """:meth:`allowed` for queries and keys at sequence indices ``idx_q``, ``idx_k``."""
+        i, j = idx_q[:, None], idx_k[None, :]
         return (j <= i) & ((i - j < self.local) | (j < self.n_global))
+
+    @property
+    def cache_window(self) -> tuple[int, int]:
+        """``(window, sinks)``: a KV cache keeps only these keys, so decoding memory is flat."""
+        return self.local, self.n_global
 
     def branches(self, pos_q, pos_k):
         tq, tk = pos_q.shape[-1], pos_k.shape[-1]

@@ -107,6 +107,8 @@ class AttentionContext:
         layer: the layer index, for per-layer parameters.
         state: a per-layer dict kept in the KV cache across decoding steps, or ``None``
             without a cache. An encoding stores there whatever incremental decoding needs.
+        idx_q, idx_k: ``(Tq,)`` / ``(Tk,)`` sequence indices of the queries and of the keys
+            (the cache may have dropped keys no query can see any more).
     """
 
     pos_q: Tensor
@@ -115,6 +117,8 @@ class AttentionContext:
     causal: bool
     backend: str = "auto"
     x: Tensor | None = None
+    idx_q: Tensor | None = None
+    idx_k: Tensor | None = None
     layer: int = 0
     state: dict | None = None
 

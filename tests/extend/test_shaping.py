@@ -101,3 +101,22 @@ def test_short_inputs_equal_rope_and_caching_equals_the_full_forward(name, param
 def test_bad_parameters_are_named(name, params, match):
     with pytest.raises(ValueError, match=match):
         pe.build(name, head_dim=8, **params)
+
+
+def test_lm_infinite_cache_keeps_only_the_global_prefix_and_the_window():
+    from poslab import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(
+        vocab_size=30, d_model=32, num_heads=4, pe="lm_infinite", pe_params={"local": 6, "n_global": 2}, max_seq_len=64
+    ).eval()
+    x = torch.randint(0, 30, (2, 40))
+    with torch.no_grad():
+        full = model(x)
+        cache, parts, sizes = model.new_cache(), [], []
+        for i in range(40):
+            parts.append(model(x[:, i : i + 1], cache=cache))
+            sizes.append(cache.keys[0].shape[-2])
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert sizes[-1] == max(sizes) == 6 + 2  # flat: the window and the global prefix
+    assert cache.indices.tolist() == [0, 1, *range(34, 40)]
