@@ -220,7 +220,12 @@ def test_report_command_writes_table_plots_and_page(tmp_path, capsys):
     assert main(["report", "--db", db, "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert "| copy_rsc | alibi |" in out and "| copy_rsc | nope |" in out
-    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"report.md", "report.html", "copy_rsc.png", "copy_rsc_training.png"}
+    assert {p.name for p in (tmp_path / "rep").iterdir()} == {
+        "report.md",
+        "report.html",
+        "copy_rsc.png",
+        "copy_rsc_training.png",
+    }
     try:
         main(["report", "--db", str(tmp_path / "missing.sqlite")])
     except SystemExit as exc:
