@@ -1,4 +1,4 @@
-"""The ``poslab`` command line: list, tasks, run, sweep, report, demo."""
+"""The ``poslab`` command line: list, tasks, run, sweep, report, demo, lm."""
 
 from __future__ import annotations
 
@@ -177,6 +177,104 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_sweep(ns)
 
 
+def _ints(text: str, field: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{field} takes comma-separated integers, e.g. 128,256,512; got {text!r}") from None
+
+
+def cmd_lm(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from poslab import lm
+    from poslab.config import format_validation_error
+
+    try:
+        if args.lm_command == "pretrain":
+            fields = {k: getattr(args, k) for k in LM_FIELDS if getattr(args, k) is not None}
+            try:
+                cfg = lm.LMConfig(**fields)
+            except ValidationError as err:
+                raise ValueError(
+                    format_validation_error(err).replace("invalid run config", "invalid lm config")
+                ) from None
+            record = lm.pretrain(cfg, args.out, progress=not args.no_progress)
+            print(
+                json.dumps({k: record[k] for k in ("config", "corpus")} | {"final_loss": record["train"]["final_loss"]})
+            )
+            return 0
+        if args.lm_command == "finetune":
+            record = lm.finetune(
+                args.model, args.out, method=args.method, target_length=args.target_length, steps=args.steps,
+                lr=args.lr, pose=args.pose, progress=not args.no_progress,
+            )  # fmt: skip
+            print(json.dumps(record["finetune"] | {"final_loss": record["finetune"]["loss_curve"][-1][1]}))
+            return 0
+        return _lm_eval(args, lm)
+    except ValueError as err:
+        print(f"poslab lm {args.lm_command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _lm_eval(args: argparse.Namespace, lm) -> int:
+    lengths = _ints(args.lengths, "--lengths")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in lm.METHODS:
+            raise ValueError(f"unknown context-extension method {m!r}; valid: {', '.join(lm.METHODS)}")
+    if args.protocol not in lm.PROTOCOLS:
+        raise ValueError(f"--protocol {args.protocol!r} is not one of {', '.join(lm.PROTOCOLS)}")
+    target = max(lengths)
+    span = args.span or max(8192, 4 * target)
+    results: dict = {"protocol": args.protocol, "span": span, "models": {}}
+    for path in args.model:
+        record = lm.read_record(path)
+        corpus = lm.load_corpus(record["config"]["corpus"], max_bytes=record["config"]["max_bytes"])
+        tuned = record.get("method", "none")
+        for method in [tuned] if tuned != "none" else methods:
+            model, _ = lm.load_model(path, method, target)
+            label = (
+                f"{method} (fine-tuned{', PoSE' if record['finetune'].get('pose') else ''})"
+                if tuned != "none"
+                else method
+            )
+            row = {}
+            for c in lengths:
+                row[str(c)] = lm.perplexity(
+                    model, corpus.test, c, span=span, protocol=args.protocol, stride=args.stride
+                )
+                if not args.json:
+                    print(f"{label} @ {c}: perplexity {row[str(c)]['perplexity']:.3f}", file=sys.stderr)
+            results["models"][f"{path}:{label}"] = {"label": label, "path": str(path), "per_length": row}
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        head = "| model | method | " + " | ".join(f"ppl @ {c}" for c in lengths) + " |"
+        print(head + "\n|" + "---|" * (len(lengths) + 2))
+        for r in results["models"].values():
+            cells = " | ".join(f"{r['per_length'][str(c)]['perplexity']:.3f}" for c in lengths)
+            print(f"| {r['path']} | {r['label']} | {cells} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+LM_FIELDS = (
+    "corpus",
+    "max_bytes",
+    "train_length",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "steps",
+    "batch_size",
+    "lr",
+    "seed",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poslab", description="Position in Transformers: encodings and a lab.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +331,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/report")
     p.add_argument("--title", default="poslab report")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("lm", help="the language-modelling lab: pretrain, fine-tune, perplexity by length")
+    lm_sub = p.add_subparsers(dest="lm_command", required=True)
+    q = lm_sub.add_parser("pretrain", help="pretrain a byte-level RoPE model at --train-length")
+    q.add_argument("--out", required=True, help="model directory")
+    q.add_argument("--corpus", help="directory of text files (default: the standard library's source)")
+    for name in LM_FIELDS[1:]:
+        q.add_argument("--" + name.replace("_", "-"), type=float if name == "lr" else int)
+    q.add_argument("--no-progress", action="store_true")
+    q = lm_sub.add_parser("finetune", help="fine-tune a pretrained model with a method at a target length")
+    q.add_argument("--model", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--method", required=True, help="pi, yarn, ntk, ... (poslab.lm.METHODS)")
+    q.add_argument("--target-length", type=int, required=True)
+    q.add_argument("--steps", type=int, default=200)
+    q.add_argument("--lr", type=float, default=2e-4)
+    q.add_argument("--pose", action="store_true", help="PoSE: training-length windows, ids over the target")
+    q.add_argument("--no-progress", action="store_true")
+    q = lm_sub.add_parser("eval", help="perplexity against context length for each method")
+    q.add_argument("--model", action="append", required=True, help="model directory, repeatable")
+    q.add_argument("--methods", default="none,pi,ntk,yarn,lm_infinite")
+    q.add_argument("--lengths", default="128,256,512,1024")
+    q.add_argument("--protocol", default="nonoverlapping", help="nonoverlapping or sliding")
+    q.add_argument("--stride", type=int, help="sliding-window stride (default: half the context)")
+    q.add_argument("--span", type=int, help="test bytes scored at every length (default max(8192, 4 x longest))")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(func=cmd_lm)
 
     p = sub.add_parser("demo", help="the quickstart study (make demo)")
     p.add_argument("--file", help="sweep file (default examples/quickstart.toml)")

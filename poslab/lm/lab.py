@@ -1,0 +1,264 @@
+"""The language-modelling lab: pretrain a byte-level RoPE model at ``L``, stretch it, measure it.
+
+- :func:`pretrain`: a decoder on random ``L``-byte windows of the corpus' train split.
+- :func:`finetune`: the same weights, a context-extension method at a target length ``T``,
+  a short run on ``T``-byte windows, or on ``L``-byte windows with PoSE ids spread over ``T``.
+- :func:`perplexity`: perplexity of the test split at one context length, with the
+  non-overlapping protocol (chunks of ``c`` bytes, every byte scored with the context before
+  it in its chunk) or the sliding-window protocol (windows of ``c`` bytes every ``stride``
+  bytes, each scoring only its last ``stride`` bytes, so every scored byte sees at least
+  ``c - stride`` bytes of context). Both score the same span of the test split at every
+  ``c``, so the numbers differ only by context.
+- :func:`load_model`: a pretrained (or fine-tuned) model under any method of
+  :mod:`poslab.lm.methods`, training-free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from poslab.lm.corpus import VOCAB_SIZE, Corpus, load_corpus
+from poslab.lm.methods import METHODS, method_encoding
+from poslab.model import Transformer
+from poslab.train import NonFiniteLossError, lr_factor
+
+__all__ = ["LMConfig", "pretrain", "finetune", "perplexity", "load_model", "read_record", "PROTOCOLS"]
+
+PROTOCOLS = ("nonoverlapping", "sliding")
+
+
+class LMConfig(BaseModel):
+    """A byte-level language model and its pretraining run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: str | None = Field(None, description="directory of text files; None = the standard library's source")
+    max_bytes: int = Field(4_000_000, ge=1024, description="corpus size cap")
+    train_length: int = Field(128, ge=8, description="L, the pretraining context")
+    d_model: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    rope_base: float = Field(10000.0, gt=1.0)
+    steps: int = Field(2000, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    warmup: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0)
+
+
+def _model(cfg: LMConfig, pe: str, pe_params: dict, max_seq_len: int) -> Transformer:
+    return Transformer(
+        vocab_size=VOCAB_SIZE,
+        d_model=cfg.d_model,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        pe=pe,
+        pe_params=pe_params,
+        max_seq_len=max_seq_len,
+    )
+
+
+def _windows(data: torch.Tensor, length: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, data.numel() - length - 1, (batch,), generator=gen)
+    return torch.stack([data[s : s + length + 1] for s in starts.tolist()])
+
+
+def _train_loop(model, data, cfg: LMConfig, steps: int, lr: float, length: int, make_ids, progress: bool, desc: str):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    model.train()
+    bar = tqdm(total=steps, disable=not progress, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+    for step in range(steps):
+        window = _windows(data, length, cfg.batch_size, gen)
+        inputs, ids = make_ids(window, gen)
+        logits = model(inputs[:, :-1], position_ids=ids)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), inputs[:, 1:].reshape(-1))
+        if not torch.isfinite(loss):
+            bar.close()
+            raise NonFiniteLossError(f"{desc}: training loss became {loss.item()} at step {step}; lower the lr")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _save(model: Transformer, out: Path, record: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight" and not k.startswith("pe.")}
+    save_file(state, out / "model.tmp")
+    (out / "model.tmp").replace(out / "model.safetensors")
+    (out / "record.json").write_text(json.dumps(record, indent=2))
+
+
+def pretrain(cfg: LMConfig, out: str | Path, *, corpus: Corpus | None = None, progress: bool = True) -> dict:
+    """Pretrain at ``cfg.train_length`` with plain RoPE; writes ``model.safetensors`` and
+    ``record.json`` (config, corpus digest, loss curve) to ``out``; returns the record."""
+    from poslab.runner import loss_curve
+
+    corpus = corpus or load_corpus(cfg.corpus, max_bytes=cfg.max_bytes)
+    torch.manual_seed(cfg.seed)
+    model = _model(cfg, "rope", {"base": cfg.rope_base}, cfg.train_length)
+    t0 = time.perf_counter()
+    losses = _train_loop(
+        model, corpus.train, cfg, cfg.steps, cfg.lr, cfg.train_length, lambda w, g: (w, None), progress, "pretrain"
+    )
+    record = {
+        "config": cfg.model_dump(),
+        "corpus": {"source": corpus.source, "files": corpus.files, "sha256": corpus.digest,
+                   "bytes": {k: corpus.split(k).numel() for k in ("train", "val", "test")}},
+        "method": "none",
+        "train": {"steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1), "loss_curve": loss_curve(losses),
+                  "final_loss": sum(losses[-50:]) / len(losses[-50:])},
+    }  # fmt: skip
+    _save(model, Path(out), record)
+    return record
+
+
+def read_record(path: str | Path) -> dict:
+    """The ``record.json`` of a saved model (config, corpus, method, training)."""
+    path = Path(path)
+    if not (path / "model.safetensors").exists() or not (path / "record.json").exists():
+        raise ValueError(f"no model at {str(path)!r} (expected model.safetensors and record.json from `poslab lm`)")
+    return json.loads((path / "record.json").read_text())
+
+
+def load_model(path: str | Path, method: str = "none", target_length: int | None = None) -> tuple[Transformer, dict]:
+    """A saved model under ``method`` for contexts up to ``target_length`` (training-free).
+
+    A fine-tuned model keeps the method it was fine-tuned with; ``method`` must then be it."""
+    path = Path(path)
+    record = read_record(path)
+    cfg = LMConfig(**record["config"])
+    tuned = record.get("method", "none")
+    if tuned != "none" and method != tuned:
+        raise ValueError(f"the model at {str(path)!r} was fine-tuned with {tuned!r}; evaluate it with that method")
+    target = max(target_length or cfg.train_length, cfg.train_length)
+    if tuned != "none":
+        target = record["finetune"]["target_length"]
+    pe, params = method_encoding(method, cfg.train_length, target, cfg.rope_base)
+    model = _model(cfg, pe, params, max(target, target_length or 0, cfg.train_length) * 2)
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    if unexpected or [k for k in missing if not (k.startswith("pe.") or k == "head.weight")]:
+        raise ValueError(
+            f"the weights at {str(path)!r} do not fit this model: missing {missing}, unexpected {unexpected}"
+        )
+    return model.eval(), record
+
+
+def finetune(
+    path: str | Path,
+    out: str | Path,
+    *,
+    method: str,
+    target_length: int,
+    steps: int = 200,
+    lr: float = 2e-4,
+    pose: bool = False,
+    corpus: Corpus | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune a pretrained model with ``method`` at ``target_length``: ``T``-byte windows,
+    or with ``pose`` the pretraining length's windows with PoSE ids spread over ``T``."""
+    from poslab.extend.pose import pose_ids
+    from poslab.runner import loss_curve
+
+    if method not in METHODS:
+        raise ValueError(f"unknown context-extension method {method!r}; valid: {', '.join(METHODS)}")
+    model, record = load_model(path, method, target_length)
+    if record.get("method", "none") != "none":
+        raise ValueError(f"the model at {str(path)!r} is already fine-tuned; start from a pretrained one")
+    cfg = LMConfig(**record["config"])
+    corpus = corpus or load_corpus(cfg.corpus, max_bytes=cfg.max_bytes)
+    if pose:
+        length = cfg.train_length
+
+        def make_ids(window, gen):
+            return window, pose_ids(length, target_length, generator=gen)[None]
+    else:
+        length = target_length
+
+        def make_ids(window, gen):
+            return window, None
+
+    t0 = time.perf_counter()
+    losses = _train_loop(model, corpus.train, cfg, steps, lr, length, make_ids, progress, f"finetune {method}")
+    new = {
+        **record,
+        "method": method,
+        "finetune": {"from": str(path), "method": method, "target_length": target_length, "steps": steps, "lr": lr,
+                     "pose": pose, "seconds": round(time.perf_counter() - t0, 1), "loss_curve": loss_curve(losses)},
+    }  # fmt: skip
+    _save(model, Path(out), new)
+    return new
+
+
+@torch.no_grad()
+def perplexity(
+    model: Transformer,
+    data: torch.Tensor,
+    context: int,
+    *,
+    span: int,
+    protocol: str = "nonoverlapping",
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Perplexity of the first ``span + 1`` bytes of ``data`` at context length ``context``.
+
+    Returns ``{"perplexity", "nll", "bits_per_byte", "tokens"}``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not one of {', '.join(map(repr, PROTOCOLS))}")
+    if context < 2 or span < context:
+        raise ValueError(f"context={context} must be >= 2 and span={span} at least the context")
+    if data.numel() < span + 1:
+        raise ValueError(f"the test split has {data.numel()} bytes; span={span} needs {span + 1}")
+    text = data[: span + 1]
+    if protocol == "nonoverlapping":
+        starts = list(range(0, span - context + 1, context))
+        scored_from = [0] * len(starts)  # every position of a chunk is scored
+    else:
+        stride = stride or max(1, context // 2)
+        if not 1 <= stride <= context:
+            raise ValueError(f"stride={stride} must lie in 1..context={context}")
+        starts = list(range(0, span - context + 1, stride))
+        scored_from = [0] + [context - stride] * (len(starts) - 1)
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        block = starts[i : i + batch_size]
+        windows = torch.stack([text[s : s + context + 1] for s in block])
+        logits = model(windows[:, :-1])
+        nll = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE).float(), windows[:, 1:].reshape(-1), reduction="none")
+        nll = nll.view(len(block), context)
+        for row, first in zip(nll, scored_from[i : i + batch_size]):
+            total += float(row[first:].sum())
+            count += context - first
+    mean = total / count
+    return {"perplexity": math.exp(mean), "nll": mean, "bits_per_byte": mean / math.log(2), "tokens": count}

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from poslab.cli import main
+from poslab.lm import LMConfig, finetune, load_corpus, load_model, perplexity, pretrain
+
+TINY = dict(max_bytes=120_000, train_length=32, d_model=32, num_layers=1, num_heads=4, batch_size=8, steps=40)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(max_bytes=120_000)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("lm") / "base"
+    record = pretrain(LMConfig(**TINY), out, corpus=corpus, progress=False)
+    return out, record
+
+
+def test_pretraining_learns_and_the_saved_model_reloads(pretrained, corpus):
+    out, record = pretrained
+    assert record["train"]["final_loss"] < math.log(256) - 0.5  # well below a uniform byte guess
+    assert record["corpus"]["sha256"] == corpus.digest
+    a, _ = load_model(out)
+    b, _ = load_model(out, "pi", 64)
+    x = corpus.test[:32][None]
+    with torch.no_grad():
+        assert torch.isfinite(a(x)).all()
+        # PI at factor 2 is not the base model, but the weights are the same
+        assert not torch.allclose(a(x), b(x)) and torch.equal(a.tok_emb.weight, b.tok_emb.weight)
+
+
+class _Uniform(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros(*x.shape, 256)
+
+
+def test_perplexity_of_a_uniform_model_is_256_and_protocols_agree_at_full_stride(corpus):
+    for protocol in ("nonoverlapping", "sliding"):
+        out = perplexity(_Uniform(), corpus.test, 16, span=256, protocol=protocol)
+        assert out["perplexity"] == pytest.approx(256.0) and out["bits_per_byte"] == pytest.approx(8.0)
+    assert perplexity(_Uniform(), corpus.test, 16, span=256)["tokens"] == 256
+
+
+def test_perplexity_matches_a_direct_computation(pretrained, corpus):
+    model, _ = load_model(pretrained[0])
+    text = corpus.test[:97]
+    with torch.no_grad():
+        nll = []
+        for start in (0, 32, 64):
+            logits = model(text[start : start + 32][None])[0]
+            nll.append(torch.nn.functional.cross_entropy(logits, text[start + 1 : start + 33], reduction="none"))
+        direct = math.exp(torch.cat(nll).mean().item())
+        assert perplexity(model, corpus.test, 32, span=96)["perplexity"] == pytest.approx(direct, rel=1e-5)
+        same = perplexity(model, corpus.test, 32, span=96, protocol="sliding", stride=32)
+        assert same["perplexity"] == pytest.approx(direct, rel=1e-5)
+        sliding = perplexity(model, corpus.test, 32, span=96, protocol="sliding", stride=8)
+        assert sliding["tokens"] == 32 + 8 * 8  # the first window in full, then 8 new bytes per window
+
+
+def test_finetune_pi_and_pose_and_reload(pretrained, corpus, tmp_path):
+    base = pretrained[0]
+    tuned = finetune(base, tmp_path / "pi", method="pi", target_length=64, steps=5, corpus=corpus, progress=False)
+    assert tuned["method"] == "pi" and tuned["finetune"]["target_length"] == 64
+    model, _ = load_model(tmp_path / "pi", "pi")
+    assert model.pe.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match="fine-tuned with 'pi'"):
+        load_model(tmp_path / "pi", "yarn")
+    pose = finetune(base, tmp_path / "pose", method="yarn", target_length=128, steps=3, pose=True, corpus=corpus,
+                    progress=False)  # fmt: skip
+    assert pose["finetune"]["pose"] is True
+
+
+def test_bad_input(pretrained, corpus, tmp_path):
+    model, _ = load_model(pretrained[0])
+    with pytest.raises(ValueError, match="protocol='strided'"):
+        perplexity(model, corpus.test, 16, span=64, protocol="strided")
+    with pytest.raises(ValueError, match="span=8 at least the context"):
+        perplexity(model, corpus.test, 16, span=8)
+    with pytest.raises(ValueError, match="stride=40 must lie in 1..context=16"):
+        perplexity(model, corpus.test, 16, span=64, protocol="sliding", stride=40)
+    with pytest.raises(ValueError, match="no model at"):
+        load_model(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unknown context-extension method"):
+        finetune(pretrained[0], tmp_path / "x", method="rerope", target_length=64)
+
+
+def test_command_line(pretrained, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["lm", "pretrain", "--out", str(out), "--max-bytes", "120000", "--train-length", "16", "--d-model", "16",
+            "--num-layers", "1", "--steps", "3", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["lm", "eval", "--model", str(out), "--methods", "none,pi", "--lengths", "16,32", "--span", "64"]) == 0
+    table = capsys.readouterr().out
+    assert "| model | method | ppl @ 16 | ppl @ 32 |" in table and "| pi |" in table
+    assert main(["lm", "eval", "--model", str(out), "--methods", "rerope"]) == 2
+    assert "unknown context-extension method 'rerope'" in capsys.readouterr().err
+    assert main(["lm", "pretrain", "--out", str(tmp_path / "bad"), "--steps", "0"]) == 2
+    assert "steps" in capsys.readouterr().err
