@@ -211,6 +211,13 @@ def cmd_lm(args: argparse.Namespace) -> int:
             )  # fmt: skip
             print(json.dumps(record["finetune"] | {"final_loss": record["finetune"]["loss_curve"][-1][1]}))
             return 0
+        if args.lm_command == "study":
+            from poslab.lm.study import load_study, run_study
+
+            study = load_study(args.file)
+            run_study(study, progress=not args.no_progress)
+            print((Path(study.out) / "report.md").read_text())
+            return 0
         return _lm_eval(args, lm)
     except ValueError as err:
         print(f"poslab lm {args.lm_command}: {err}", file=sys.stderr)
@@ -358,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--span", type=int, help="test bytes scored at every length (default max(8192, 4 x longest))")
     q.add_argument("--json", action="store_true")
     q.add_argument("--out", help="also write the JSON here")
+    q = lm_sub.add_parser("study", help="pretrain, fine-tune and measure, from a TOML file")
+    q.add_argument("file")
+    q.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_lm)
 
     p = sub.add_parser("demo", help="the quickstart study (make demo)")

@@ -182,11 +182,14 @@ def finetune(
     steps: int = 200,
     lr: float = 2e-4,
     pose: bool = False,
+    batch_size: int | None = None,
     corpus: Corpus | None = None,
     progress: bool = True,
 ) -> dict:
     """Fine-tune a pretrained model with ``method`` at ``target_length``: ``T``-byte windows,
-    or with ``pose`` the pretraining length's windows with PoSE ids spread over ``T``."""
+    or with ``pose`` the pretraining length's windows with PoSE ids spread over ``T``.
+
+    ``batch_size`` defaults to as many bytes per step as pretraining had."""
     from poslab.extend.pose import pose_ids
     from poslab.runner import loss_curve
 
@@ -197,6 +200,11 @@ def finetune(
         raise ValueError(f"the model at {str(path)!r} is already fine-tuned; start from a pretrained one")
     cfg = LMConfig(**record["config"])
     corpus = corpus or load_corpus(cfg.corpus, max_bytes=cfg.max_bytes)
+    window = cfg.train_length if pose else target_length
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    batch = batch_size or max(1, cfg.batch_size * cfg.train_length // window)
+    run_cfg = cfg.model_copy(update={"batch_size": batch})
     if pose:
         length = cfg.train_length
 
@@ -209,12 +217,13 @@ def finetune(
             return window, None
 
     t0 = time.perf_counter()
-    losses = _train_loop(model, corpus.train, cfg, steps, lr, length, make_ids, progress, f"finetune {method}")
+    losses = _train_loop(model, corpus.train, run_cfg, steps, lr, length, make_ids, progress, f"finetune {method}")
     new = {
         **record,
         "method": method,
         "finetune": {"from": str(path), "method": method, "target_length": target_length, "steps": steps, "lr": lr,
-                     "pose": pose, "seconds": round(time.perf_counter() - t0, 1), "loss_curve": loss_curve(losses)},
+                     "pose": pose, "batch_size": batch, "seconds": round(time.perf_counter() - t0, 1),
+                     "loss_curve": loss_curve(losses)},
     }  # fmt: skip
     _save(model, Path(out), new)
     return new
