@@ -211,6 +211,13 @@ def cmd_lm(args: argparse.Namespace) -> int:
             )  # fmt: skip
             print(json.dumps(record["finetune"] | {"final_loss": record["finetune"]["loss_curve"][-1][1]}))
             return 0
+        if args.lm_command == "longrope":
+            from poslab.lm.lab import search_longrope
+
+            out = search_longrope(args.model, args.target_length, population=args.population,
+                                  iterations=args.iterations, seed=args.seed, progress=not args.no_progress)  # fmt: skip
+            print(json.dumps({k: out[k] for k in ("target_length", "fitness", "history", "evaluated")}))
+            return 0
         if args.lm_command == "study":
             from poslab.lm.study import load_study, run_study
 
@@ -365,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--span", type=int, help="test bytes scored at every length (default max(8192, 4 x longest))")
     q.add_argument("--json", action="store_true")
     q.add_argument("--out", help="also write the JSON here")
+    q = lm_sub.add_parser("longrope", help="LongRoPE's evolutionary search of rescale factors for a model")
+    q.add_argument("--model", required=True)
+    q.add_argument("--target-length", type=int, required=True)
+    q.add_argument("--population", type=int, default=16)
+    q.add_argument("--iterations", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-progress", action="store_true")
     q = lm_sub.add_parser("study", help="pretrain, fine-tune and measure, from a TOML file")
     q.add_argument("file")
     q.add_argument("--no-progress", action="store_true")

@@ -32,7 +32,16 @@ from poslab.lm.methods import METHODS, method_encoding
 from poslab.model import Transformer
 from poslab.train import NonFiniteLossError, lr_factor
 
-__all__ = ["LMConfig", "pretrain", "finetune", "perplexity", "load_model", "read_record", "PROTOCOLS"]
+__all__ = [
+    "LMConfig",
+    "pretrain",
+    "finetune",
+    "perplexity",
+    "load_model",
+    "read_record",
+    "search_longrope",
+    "PROTOCOLS",
+]
 
 PROTOCOLS = ("nonoverlapping", "sliding")
 
@@ -163,7 +172,12 @@ def load_model(path: str | Path, method: str = "none", target_length: int | None
     target = max(target_length or cfg.train_length, cfg.train_length)
     if tuned != "none":
         target = record["finetune"]["target_length"]
-    pe, params = method_encoding(method, cfg.train_length, target, cfg.rope_base)
+    factors = None
+    if method == "longrope":
+        found = path / f"longrope_{target}.json"
+        if found.exists():
+            factors = json.loads(found.read_text())["long_factor"]
+    pe, params = method_encoding(method, cfg.train_length, target, cfg.rope_base, factors)
     model = _model(cfg, pe, params, max(target, target_length or 0, cfg.train_length) * 2)
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if unexpected or [k for k in missing if not (k.startswith("pe.") or k == "head.weight")]:
@@ -271,3 +285,52 @@ def perplexity(
             count += context - first
     mean = total / count
     return {"perplexity": math.exp(mean), "nll": mean, "bits_per_byte": mean / math.log(2), "tokens": count}
+
+
+def search_longrope(
+    path: str | Path,
+    target_length: int,
+    *,
+    population: int = 16,
+    iterations: int = 8,
+    mutations: int = 8,
+    crossovers: int = 8,
+    parents: int = 8,
+    span: int | None = None,
+    seed: int = 0,
+    corpus: Corpus | None = None,
+    progress: bool = True,
+) -> dict:
+    """LongRoPE's search (:mod:`poslab.extend.longrope_search`) for a pretrained model: the
+    fitness is perplexity on the validation split at ``target_length`` (``n_hat`` = 0: poslab's
+    RoPE keeps one frequency set for all positions). Writes ``longrope_<target>.json``."""
+    from poslab.extend.longrope_search import search
+
+    path = Path(path)
+    record = read_record(path)
+    if record.get("method", "none") != "none":
+        raise ValueError(f"the model at {str(path)!r} is fine-tuned; search on a pretrained one")
+    cfg = LMConfig(**record["config"])
+    if target_length <= cfg.train_length:
+        raise ValueError(f"target_length={target_length} must exceed the training length {cfg.train_length}")
+    corpus = corpus or load_corpus(cfg.corpus, max_bytes=cfg.max_bytes)
+    span = span or min(4 * target_length, corpus.val.numel() - 1)
+    model, _ = load_model(path, "none", target_length)
+    head_dim = cfg.d_model // cfg.num_heads
+    scale = target_length / cfg.train_length
+
+    def fitness(candidate) -> float:
+        from poslab.extend.longrope_search import scaling_dict
+
+        model.pe.set_scaling(scaling_dict(candidate, cfg.train_length, scale), target_length)
+        return perplexity(model, corpus.val, target_length, span=span)["perplexity"]
+
+    result = search(
+        fitness, head_dim=head_dim, base=cfg.rope_base, train_length=cfg.train_length, scale=scale,
+        population=population, iterations=iterations, mutations=mutations, crossovers=crossovers,
+        parents=parents, n_hat_choices=(0,), seed=seed, progress=progress,
+    )  # fmt: skip
+    out = {"target_length": target_length, "long_factor": list(result.best.factors), "fitness": result.fitness,
+           "history": result.history, "evaluated": result.evaluated, "seed": seed, "span": span}  # fmt: skip
+    (path / f"longrope_{target_length}.json").write_text(json.dumps(out, indent=2))
+    return out

@@ -11,14 +11,15 @@ from typing import Any
 
 __all__ = ["METHODS", "method_encoding"]
 
-METHODS = ("none", "pi", "ntk", "yarn", "dynamic", "lm_infinite", "self_extend")
+METHODS = ("none", "pi", "ntk", "yarn", "dynamic", "lm_infinite", "self_extend", "longrope")
 
 
 def method_encoding(
-    name: str, train_length: int, target_length: int, base: float = 10000.0
+    name: str, train_length: int, target_length: int, base: float = 10000.0, longrope_factors: list | None = None
 ) -> tuple[str, dict[str, Any]]:
     """``(pe, pe_params)`` that runs a model pretrained at ``train_length`` with method ``name``
-    for contexts up to ``target_length``."""
+    for contexts up to ``target_length``; ``longrope`` takes the searched ``long_factor``
+    vector (:func:`poslab.lm.lab.search_longrope`)."""
     if name not in METHODS:
         raise ValueError(f"unknown context-extension method {name!r}; valid: {', '.join(METHODS)}")
     if target_length < train_length:
@@ -37,6 +38,16 @@ def method_encoding(
     if name == "dynamic":
         scaling = {"rope_type": "dynamic", "factor": s}
         return "rope", {**rope, "rope_scaling": scaling, "max_position_embeddings": train_length}
+    if name == "longrope":
+        if longrope_factors is None:
+            raise ValueError(
+                f"longrope needs searched factors for target {target_length}: run `poslab lm longrope` "
+                "(or list longrope in a study, which searches them)"
+            )
+        from poslab.extend.longrope_search import Candidate, scaling_dict
+
+        scaling = scaling_dict(Candidate(tuple(longrope_factors)), train_length, s)
+        return "rope", {**rope, "rope_scaling": scaling, "max_position_embeddings": target_length}
     if name == "lm_infinite":
         return "lm_infinite", {**rope, "local": train_length, "n_global": 10, "cap": train_length}
     # Self-Extend: neighbour window W = L / 2 (a multiple of G) and the smallest group size G

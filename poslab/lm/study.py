@@ -70,6 +70,8 @@ class StudyConfig(BaseModel):
         description="k values of the effective-context measurement over the longest passkey length; 0 skips it",
     )
     effective_context_trials: int = Field(5, gt=0)
+    longrope_population: int = Field(16, ge=2, description="LongRoPE search, when longrope is a method")
+    longrope_iterations: int = Field(8, ge=0)
 
     @field_validator("methods")
     @classmethod
@@ -185,6 +187,12 @@ def run_study(study: StudyConfig, *, progress: bool = True) -> dict:
             corpora[key] = load_corpus(key[0], max_bytes=key[1])
         test = corpora[key].test
         methods = [entry["method"]] if entry["label"] else study.methods
+        if "longrope" in methods and not (entry["path"] / f"longrope_{target}.json").exists():
+            from poslab.lm.lab import search_longrope
+
+            search_longrope(entry["path"], target, population=study.longrope_population,
+                            iterations=study.longrope_iterations, seed=entry["seed"], corpus=corpora[key],
+                            progress=progress)  # fmt: skip
         for method in methods:
             label = entry["label"] or method
             model, _ = load_model(entry["path"], method, target)

@@ -64,9 +64,19 @@ class RoPE(PositionalEncoding):
         self.register_buffer("inv_freq", F.rope_inv_freq(self.rot_dim, base), persistent=False)
         self.rope_scaling, self.max_position_embeddings, self.attention_factor = None, max_position_embeddings, 1.0
         if rope_scaling:
-            self.rope_scaling = dict(rope_scaling)
-            inv_freq, self.attention_factor = self._scaled(None)  # validates the dict now
-            self.inv_freq = inv_freq.to(torch.float64)
+            self.set_scaling(rope_scaling)
+
+    def set_scaling(self, rope_scaling: dict | None, max_position_embeddings: int | None = None) -> None:
+        """Change the scaling in place (a search over factors need not rebuild the model)."""
+        if max_position_embeddings is not None:
+            self.max_position_embeddings = max_position_embeddings
+        if not rope_scaling:
+            self.rope_scaling, self.attention_factor = None, 1.0
+            self.inv_freq = F.rope_inv_freq(self.rot_dim, self.base).to(self.inv_freq.device)
+            return
+        self.rope_scaling = dict(rope_scaling)
+        inv_freq, self.attention_factor = self._scaled(None)  # validates the dict now
+        self.inv_freq = inv_freq.to(torch.float64).to(self.inv_freq.device)
 
     def _scaled(self, seq_len: int | None) -> tuple[Tensor, float]:
         from poslab.extend import rope_frequencies

@@ -102,3 +102,19 @@ def test_command_line(pretrained, tmp_path, capsys):
     assert "unknown context-extension method 'rerope'" in capsys.readouterr().err
     assert main(["lm", "pretrain", "--out", str(tmp_path / "bad"), "--steps", "0"]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_longrope_search_on_the_model_and_evaluation_with_its_factors(pretrained, corpus):
+    from poslab.lm.lab import search_longrope
+
+    out_dir = pretrained[0]
+    with pytest.raises(ValueError, match="longrope needs searched factors"):
+        load_model(out_dir, "longrope", 128)
+    found = search_longrope(out_dir, 128, population=4, iterations=2, mutations=2, crossovers=2, parents=2,
+                            corpus=corpus, progress=False)  # fmt: skip
+    assert all(b <= a for a, b in zip(found["history"], found["history"][1:]))
+    model, _ = load_model(out_dir, "longrope", 128)
+    assert model.pe.rope_scaling["long_factor"] == found["long_factor"]
+    assert perplexity(model, corpus.val, 128, span=found["span"])["perplexity"] == pytest.approx(
+        found["fitness"], rel=1e-5
+    )

@@ -8,7 +8,8 @@ from poslab.model import Transformer
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_builds_a_model_and_factor_one_is_plain_rope(method):
     assert method_encoding(method, 128, 128) == ("rope", {"base": 10000.0})
-    pe, params = method_encoding(method, 128, 1024)
+    factors = [1.0 + i for i in range(4)] if method == "longrope" else None
+    pe, params = method_encoding(method, 128, 1024, longrope_factors=factors)
     Transformer(vocab_size=256, d_model=32, num_heads=4, pe=pe, pe_params=params, max_seq_len=2048)
 
 
