@@ -20,7 +20,7 @@ from poslab.pe import functional as F
 from poslab.pe.base import AttentionContext, check_int, register
 from poslab.pe.rotary import RoPE
 
-__all__ = ["SelfExtend", "StringRoPE", "LMInfinite"]
+__all__ = ["SelfExtend", "StringRoPE", "LMInfinite", "MsPoE"]
 
 
 class _TwoBranchRoPE(RoPE):
@@ -251,3 +251,131 @@ class LMInfinite(_TwoBranchRoPE):
     def effective_distance(self, pos_q, pos_k):
         d = _distance(pos_q, pos_k)
         return torch.where(d < self.local, d, torch.full_like(d, self.cap))  # on the allowed pairs
+
+
+MS_POE_ASSIGNMENTS = ("rank", "reference_gather", "fixed")
+
+
+@register("ms_poe")
+class MsPoE(RoPE):
+    """Ms-PoE: each head reads position ids divided by its own ratio (multi-scale RoPE).
+
+    *Found in the Middle: How Language Models Use Long Contexts Better via Plug-and-Play
+    Positional Encoding*, Zhang (Zhenyu), 2024, arXiv 2403.04797 (methods.md 5.7). Ratios
+    ``r_k = r_min + (r_max - r_min) k / H`` (``k = 0 .. H-1``); head ``h`` rotates q and k at
+    ``pos / r_h``. Layers before ``skip_layers`` keep plain RoPE. Heads get ratios from a
+    position-awareness score computed on the first forward of a prompt and then frozen (kept
+    in the KV cache's layer state): the fraction of keys whose weight in the last query's
+    plain-RoPE attention row exceeds ``outlier_factor`` times the row mean. ``assignment``:
+    ``"rank"`` (the paper's intent: the head with the highest score gets the smallest ratio),
+    ``"reference_gather"`` (the reference code: heads sorted by descending score, head ``h``
+    takes ``r[order[h]]``) or ``"fixed"`` (head ``h`` takes ``r_h``, or ``head_order``).
+    Keys are rotated per query head, so grouped-query models stay relative too.
+
+    Args:
+        head_dim, num_heads, base, partial_rotary_factor, layout, rope_scaling, max_position_embeddings: RoPE's.
+        min_ratio, max_ratio: ``r_min``, ``r_max`` (1.2 and 1.8); both 1 is plain RoPE.
+        skip_layers: leading layers left unchanged (2).
+        assignment: see above.
+        outlier_factor: the score's threshold over the row mean (4).
+        head_order: a fixed head order (a permutation of the heads) instead of the scores.
+    """
+
+    paper = (
+        "Found in the Middle: How Language Models Use Long Contexts Better via Plug-and-Play Positional Encoding, "
+        "Zhang (Zhenyu), 2024, arXiv 2403.04797"
+    )
+    content_dependent = True
+
+    def __init__(
+        self,
+        *,
+        head_dim: int,
+        num_heads: int,
+        min_ratio: float = 1.2,
+        max_ratio: float = 1.8,
+        skip_layers: int = 2,
+        assignment: str = "rank",
+        outlier_factor: float = 4.0,
+        head_order: list[int] | None = None,
+        base: float = 10000.0,
+        partial_rotary_factor: float = 1.0,
+        layout: str = "half",
+        rope_scaling: dict | None = None,
+        max_position_embeddings: int = 2048,
+    ) -> None:
+        super().__init__(
+            head_dim=head_dim,
+            base=base,
+            partial_rotary_factor=partial_rotary_factor,
+            layout=layout,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_position_embeddings,
+        )
+        if not (
+            isinstance(min_ratio, (int, float)) and isinstance(max_ratio, (int, float)) and 0 < min_ratio <= max_ratio
+        ):
+            raise ValueError(f"ms_poe: need 0 < min_ratio <= max_ratio, got {min_ratio!r}, {max_ratio!r}")
+        if assignment not in MS_POE_ASSIGNMENTS:
+            raise ValueError(
+                f"ms_poe: assignment={assignment!r} is not one of {', '.join(map(repr, MS_POE_ASSIGNMENTS))}"
+            )
+        check_int("ms_poe", "skip_layers", skip_layers, 0)
+        if not outlier_factor > 0:
+            raise ValueError(f"ms_poe: outlier_factor must be > 0, got {outlier_factor!r}")
+        if head_order is not None and sorted(head_order) != list(range(num_heads)):
+            raise ValueError(f"ms_poe: head_order must be a permutation of 0..{num_heads - 1}, got {head_order!r}")
+        self.num_heads, self.skip_layers, self.assignment = num_heads, skip_layers, assignment
+        self.outlier_factor, self.head_order = float(outlier_factor), head_order
+        k = torch.arange(num_heads, dtype=torch.float64)
+        self.register_buffer("ratios", min_ratio + (max_ratio - min_ratio) * k / num_heads, persistent=False)
+
+    def head_ratios(self, scores: Tensor | None) -> Tensor:
+        """``(H,)`` ratio of each head given the position-awareness ``scores`` ``(H,)``."""
+        if self.head_order is not None:
+            order = torch.tensor(self.head_order)
+        elif self.assignment == "fixed" or scores is None:
+            return self.ratios
+        else:
+            order = torch.argsort(scores, descending=True, stable=True)
+        if self.assignment == "reference_gather" and self.head_order is None:
+            return self.ratios[order]
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(order.numel())
+        return self.ratios[ranks]  # the head ranked first gets the smallest ratio
+
+    def scores(self, q: Tensor, k: Tensor, pos_q: Tensor, pos_k: Tensor) -> Tensor:
+        """Fraction of keys above ``outlier_factor`` x the mean in the last query's plain-RoPE row."""
+        logits = self._rotate(q[..., -1:, :], pos_q[:, -1:], None) @ self._rotate(k, pos_k, None).transpose(-1, -2)
+        probs = torch.softmax(logits.float() / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, 1, Tk): sees every key
+        return (probs > self.outlier_factor * probs.mean(-1, keepdim=True)).float().mean((-1, -2)).mean(0)
+
+    def _rotate(self, x: Tensor, pos: Tensor, ratios: Tensor | None) -> Tensor:
+        b, h, t, _ = x.shape
+        ids = pos.to(torch.float64)[:, None, :].expand(pos.shape[0], h, t)  # (B|1, H, T)
+        if ratios is not None:
+            ids = ids / ratios.to(ids.device)[None, :, None]
+        rows = ids.shape[0]
+        cos, sin = F.rope_cos_sin(ids.reshape(rows * h, t), self.inv_freq, self.layout, x.dtype)
+        cos, sin = cos.view(rows, h, t, -1), sin.view(rows, h, t, -1)
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return F.apply_rope(x, cos, sin, self.layout)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        ratios = None
+        if ctx.layer is not None and ctx.layer >= self.skip_layers and not bool((self.ratios == 1).all()):
+            stored = ctx.state.get("ms_poe_ratios") if ctx.state is not None else None
+            if stored is None:  # the prompt's first forward: score the heads, then freeze
+                needs = self.head_order is None and self.assignment != "fixed"
+                stored = self.head_ratios(self.scores(q, k, ctx.pos_q, ctx.pos_k) if needs else None)
+                if ctx.state is not None:
+                    ctx.state["ms_poe_ratios"] = stored
+            ratios = stored
+        qr, kr = self._rotate(q, ctx.pos_q, ratios), self._rotate(k, ctx.pos_k, ratios)
+        tq, tk = q.shape[-2], k.shape[-2]
+        if not ctx.causal:
+            return torch.nn.functional.scaled_dot_product_attention(qr, kr, v)
+        if tq == tk:
+            return torch.nn.functional.scaled_dot_product_attention(qr, kr, v, is_causal=True)
+        return torch.nn.functional.scaled_dot_product_attention(qr, kr, v, attn_mask=causal_mask(tq, tk, q.device))

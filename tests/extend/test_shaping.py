@@ -120,3 +120,75 @@ def test_lm_infinite_cache_keeps_only_the_global_prefix_and_the_window():
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     assert sizes[-1] == max(sizes) == 6 + 2  # flat: the window and the global prefix
     assert cache.indices.tolist() == [0, 1, *range(34, 40)]
+
+
+def _ms_poe(**params):
+    from poslab import pe as pe_lib
+
+    return pe_lib.build("ms_poe", head_dim=8, num_heads=4, **params)
+
+
+def test_ms_poe_ratios_and_head_assignment():
+    enc = _ms_poe()
+    assert enc.ratios.tolist() == pytest.approx([1.2, 1.35, 1.5, 1.65])  # r_max itself never reached
+    scores = torch.tensor([0.1, 0.5, 0.3, 0.0])  # order by descending score: heads 1, 2, 0, 3
+    r = enc.ratios.tolist()
+    assert enc.head_ratios(scores).tolist() == pytest.approx([r[2], r[0], r[1], r[3]])  # rank: best head, smallest
+    gather = _ms_poe(assignment="reference_gather").head_ratios(scores)
+    assert gather.tolist() == pytest.approx([r[1], r[2], r[0], r[3]])  # r[order[h]], as the reference code
+    assert _ms_poe(assignment="fixed").head_ratios(scores).tolist() == pytest.approx(r)
+
+
+def test_ms_poe_head_attends_as_rope_at_its_scaled_ids():
+    from poslab.pe.base import AttentionContext
+
+    enc = _ms_poe(skip_layers=0, head_order=[0, 1, 2, 3], assignment="fixed")
+    q, k, v = (torch.randn(1, 4, 12, 8) for _ in range(3))
+    ids = torch.arange(12)[None]
+    ctx = AttentionContext(pos_q=ids, pos_k=ids, contiguous=True, causal=True, layer=0)
+    out = enc.attend(q, k, v, ctx)
+    rope = pe_lib_build_rope()
+    for h, ratio in enumerate(enc.ratios.tolist()):
+        cos, sin = F.rope_cos_sin(ids.double() / ratio, rope.inv_freq, "half", torch.float32)
+        qh, kh = F.apply_rope(q[:, h : h + 1], cos, sin, "half"), F.apply_rope(k[:, h : h + 1], cos, sin, "half")
+        ref = torch.nn.functional.scaled_dot_product_attention(qh, kh, v[:, h : h + 1], is_causal=True)
+        torch.testing.assert_close(out[:, h : h + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def pe_lib_build_rope():
+    from poslab import pe as pe_lib
+
+    return pe_lib.build("rope", head_dim=8)
+
+
+def test_ms_poe_unit_ratios_are_rope_and_statistics_are_frozen_after_the_prompt(monkeypatch):
+    from poslab import Transformer
+    from poslab.extend.shaping import MsPoE
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 30, (2, 30))
+    base = Transformer(vocab_size=30, d_model=32, num_heads=4, num_layers=3, pe="rope").eval()
+    unit = Transformer(vocab_size=30, d_model=32, num_heads=4, num_layers=3, pe="ms_poe",
+                       pe_params={"min_ratio": 1.0, "max_ratio": 1.0}).eval()  # fmt: skip
+    unit.load_state_dict(base.state_dict(), strict=False)
+    model = Transformer(vocab_size=30, d_model=32, num_heads=4, num_layers=3, pe="ms_poe").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unit(x), base(x), atol=1e-6, rtol=1e-6)
+        cache = model.new_cache()
+        model(x[:, :12], cache=cache)
+        frozen = [cache.states[layer].get("ms_poe_ratios") for layer in range(3)]
+        assert frozen[0] is None and frozen[1] is None and frozen[2] is not None  # layers 0, 1 skipped
+        calls = []
+        monkeypatch.setattr(MsPoE, "scores", lambda *a: calls.append(1))
+        for i in range(12, 30):
+            model(x[:, i : i + 1], cache=cache)
+        assert not calls and torch.equal(cache.states[2]["ms_poe_ratios"], frozen[2])
+
+
+def test_ms_poe_bad_parameters():
+    with pytest.raises(ValueError, match="min_ratio <= max_ratio"):
+        _ms_poe(min_ratio=2.0, max_ratio=1.0)
+    with pytest.raises(ValueError, match="assignment='sorted' is not one of"):
+        _ms_poe(assignment="sorted")
+    with pytest.raises(ValueError, match="head_order must be a permutation"):
+        _ms_poe(head_order=[0, 0, 1, 2])
