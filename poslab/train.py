@@ -235,6 +235,10 @@ def train(
         ids = position_ids(config, inputs, training=True, generator=gen, vocab=splits.vocab)
         logits = model(inputs, position_ids=ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        if hasattr(model.pe, "auxiliary_loss"):  # an encoding's own regularizers (SeqPE)
+            extra = model.pe.auxiliary_loss(step, inputs.shape[1], gen)
+            if extra is not None:
+                loss = loss + extra
         if not torch.isfinite(loss):
             bar.close()
             raise NonFiniteLossError(

@@ -4,7 +4,7 @@
 """
 
 from poslab.extend import shaping  # noqa: E402, F401  (registers the RoPE remappings)
-from poslab.pe import absolute, bias, bilevel, contextual, functional, rotary  # noqa: F401  (registers encodings)
+from poslab.pe import absolute, bias, bilevel, contextual, functional, rotary, seqpe  # noqa: F401  (registers encodings)
 from poslab.pe.base import (
     AttentionBias,
     AttentionContext,
