@@ -131,6 +131,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_task(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path:
     """Exact match (token accuracy for encoder tasks) against length for one task, one line per
     encoding setting; writes a PNG."""
@@ -156,12 +167,7 @@ def plot_task(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path:
     ax.set_title(f"{task}: {metric} by length (line: mean over seeds; band: min-max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_training(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path | None:
@@ -189,12 +195,7 @@ def plot_training(rows: list[dict[str, Any]], task: str, path: str | Path) -> Pa
     ax.set_title(f"{task}: training loss (line: mean over seeds; band: min-max)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str = "poslab report") -> dict[str, Path]:

@@ -121,6 +121,27 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return max(0.0, (total - step) / max(1, total - w))
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, steps: int, warmup: float):
+    """AdamW (no decay on vectors and on encoding parameters) and the warm-up/decay schedule."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pe.")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("pe.")]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
+
+
+def optimizer_step(loss: Tensor, model: torch.nn.Module, opt, sched, grad_clip: float) -> None:
+    """Backward, clip, step the optimizer and the schedule, clear the gradients."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
 @dataclass
 class TrainResult:
     model: Transformer
@@ -204,14 +225,7 @@ def train(
     model = build_model(
         config, len(splits.vocab), splits.max_seq_len, causal=not getattr(splits.task, "encoder", False)
     )
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pe.")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("pe.")]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config.steps, config.warmup))
+    opt, sched = make_optimizer(model, config.lr, config.weight_decay, config.steps, config.warmup)
     gen = torch.Generator().manual_seed(config.seed)
     start, losses = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
@@ -245,11 +259,7 @@ def train(
                 f"training loss became {loss.item()} at step {step} (task {config.task}, pe {config.pe}, "
                 f"lr {config.lr}); lower the learning rate or check the data"
             )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(loss, model, opt, sched, config.grad_clip)
         losses.append(loss.item())
         bar.update(1)
         if step % 20 == 0:

@@ -122,18 +122,24 @@ def test_backends_give_the_same_model(name, backend):
         torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
 
 
-def test_training_step_reduces_loss():
-    model = _model("t5").train()
+def _fit(model, steps=30):
+    """AdamW on one batch of next-token prediction; returns the optimizer, the batch and the losses."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = torch.randint(0, 50, (8, 17))
     losses = []
-    for _ in range(30):
+    for _ in range(steps):
         logits = model(x[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), x[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+    return opt, x, losses
+
+
+def test_training_step_reduces_loss():
+    model = _model("t5").train()
+    opt, x, losses = _fit(model)
     assert losses[-1] < 0.5 * losses[0]
     before = model.pe.table.weight.detach().clone()
     model(x[:, :-1]).sum().backward()
@@ -216,16 +222,7 @@ def test_kernelized_attention_layers_draw_their_own_features_and_train():
     assert all(block.attn.kernel.rpe.abs().sum() > 0 for block in model.blocks)
     model.reset_parameters()  # the RPE starts at 0 (a plain Performer), not at N(0, 0.02)
     assert all(block.attn.kernel.rpe.abs().sum() == 0 for block in model.blocks)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    x = torch.randint(0, 50, (8, 17))
-    losses = []
-    for _ in range(30):
-        logits = model(x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), x[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    _, _, losses = _fit(model)
     assert losses[-1] < 0.5 * losses[0]
     assert all(block.attn.kernel.rpe.abs().sum() > 0 for block in model.blocks)  # the RPE learned
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from poslab.lm.corpus import VOCAB_SIZE, Corpus, load_corpus
 from poslab.lm.methods import METHODS, method_encoding
 from poslab.model import Transformer
-from poslab.train import NonFiniteLossError, lr_factor
+from poslab.train import NonFiniteLossError, make_optimizer, optimizer_step
 
 __all__ = [
     "LMConfig",
@@ -85,14 +85,7 @@ def _windows(data: torch.Tensor, length: int, batch: int, gen: torch.Generator) 
 
 
 def _train_loop(model, data, cfg: LMConfig, steps: int, lr: float, length: int, make_ids, progress: bool, desc: str):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.98),
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup))
+    opt, sched = make_optimizer(model, lr, cfg.weight_decay, steps, cfg.warmup)
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     model.train()
@@ -105,11 +98,7 @@ def _train_loop(model, data, cfg: LMConfig, steps: int, lr: float, length: int, 
         if not torch.isfinite(loss):
             bar.close()
             raise NonFiniteLossError(f"{desc}: training loss became {loss.item()} at step {step}; lower the lr")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(loss, model, opt, sched, cfg.grad_clip)
         losses.append(loss.item())
         bar.update(1)
         if step % 20 == 0:
