@@ -68,6 +68,7 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "scratchpad": args.scratchpad,
         "positions": args.positions,
         "attention": args.attention,
+        "test_task": args.test_task,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
     for flag, field, items in (
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task")
     p.add_argument("--pe", help="encoding name (poslab list)")
     p.add_argument("--pe-param", action="append", metavar="NAME=VALUE", help="encoding parameter, repeatable")
+    p.add_argument("--test-task", help="evaluate on another task with the same vocabulary")
     p.add_argument("--train-length", help="LO:HI, inclusive")
     p.add_argument("--test-length", help="LO:HI, inclusive")
     p.add_argument("--scratchpad", help="scratchpad parts, e.g. i1_c1_o1_v1_r1 (math tasks and LEGO)")

@@ -50,6 +50,9 @@ class RunConfig(BaseModel):
     train_length: tuple[int, int] = Field((1, 20), description="inclusive range of training lengths")
     test_length: tuple[int, int] = Field((1, 40), description="inclusive range of evaluated lengths")
     scratchpad: str | None = Field(None, description="scratchpad parts, e.g. i1_c1_o1_v1_r1 (tasks.md 2.13)")
+    test_task: str | None = Field(
+        None, description="evaluate on another task with the same vocabulary (e.g. flip_flop_sparse); None = task"
+    )
     positions: str = Field("contiguous", description="position-id scheme, see poslab.positions")
     positions_params: dict[str, Any] = Field(default_factory=dict, description="id-scheme parameters")
     attention: str = Field("softmax", description="softmax, or kernelized_rpe (kernelized attention + Toeplitz RPE)")
@@ -75,6 +78,11 @@ class RunConfig(BaseModel):
     @classmethod
     def _task(cls, name: str) -> str:
         return tasks.canonical_task(name)
+
+    @field_validator("test_task")
+    @classmethod
+    def _test_task(cls, name: str | None) -> str | None:
+        return None if name is None else tasks.canonical_task(name)
 
     @field_validator("pe")
     @classmethod
@@ -106,6 +114,17 @@ class RunConfig(BaseModel):
                 raise ValueError(f"{field}={lo}:{hi} starts below {task.min_length}, the shortest {self.task} example")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.test_task is not None:
+            other = tasks.get_task(self.test_task)
+            if self.scratchpad is not None:
+                raise ValueError(f"test_task={self.test_task!r} cannot be combined with a scratchpad")
+            if other.vocabulary().itos != task.vocabulary().itos or getattr(other, "encoder", False) != getattr(
+                task, "encoder", False
+            ):
+                raise ValueError(
+                    f"test_task={self.test_task!r} must share task {self.task!r}'s vocabulary and model kind "
+                    "(decoder or encoder)"
+                )
         if self.scratchpad is not None:
             from poslab.tasks.scratchpad import check_supported
 
@@ -147,7 +166,13 @@ class RunConfig(BaseModel):
 
     # fields added after runs were stored: left out of the hash while at their default, so
     # earlier run ids stay valid
-    _LATER_FIELDS = {"positions": "contiguous", "positions_params": {}, "attention": "softmax", "attention_params": {}}
+    _LATER_FIELDS = {
+        "positions": "contiguous",
+        "positions_params": {},
+        "attention": "softmax",
+        "attention_params": {},
+        "test_task": None,
+    }
 
     def canonical(self) -> dict[str, Any]:
         """Plain, sorted dict of every field (aliases resolved): what the run id hashes."""

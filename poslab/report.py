@@ -35,6 +35,8 @@ def setting_label(cfg: dict[str, Any]) -> str:
         label += f" + {cfg['positions']}" + (f"({params})" if params else "")
     if cfg.get("scratchpad"):
         label += f" + scratchpad {cfg['scratchpad']}"
+    if cfg.get("test_task"):
+        label += f" (tested on {cfg['test_task']})"
     if cfg.get("attention", "softmax") != "softmax":
         params = ", ".join(f"{k}={v}" for k, v in sorted(cfg.get("attention_params", {}).items()))
         label += f" + {cfg['attention']}" + (f"({params})" if params else "")

@@ -54,8 +54,9 @@ def make_splits(config: RunConfig) -> Splits:
     encoder = getattr(task, "encoder", False)
     train_set = encode_examples(task.generate("train", lengths, per_length, config.data_seed), vocab, encoder)
     tlo, thi = config.test_length
+    test_task = get_task(config.test_task) if config.test_task else task  # same vocabulary (checked)
     test_set = encode_examples(
-        task.generate("test", range(tlo, thi + 1), config.test_per_length, config.data_seed), vocab, encoder
+        test_task.generate("test", range(tlo, thi + 1), config.test_per_length, config.data_seed), vocab, encoder
     )
     max_seq_len = max(train_set.tokens.shape[1], test_set.tokens.shape[1])
     return Splits(task, vocab, train_set, test_set, max_seq_len)

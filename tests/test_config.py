@@ -30,6 +30,8 @@ def test_defaults_and_aliases_hash_the_same():
         ),
         ({"positions": "randomized", "positions_params": {"L": 3}}, r"unknown parameter\(s\) L .*valid: max_len"),
         ({"attention": "linear"}, r"attention: unknown attention 'linear'; valid: softmax, kernelized_rpe"),
+        ({"task": "copy", "test_task": "addition"}, r"test_task='addition' must share task 'copy_rsc'"),
+        ({"task": "flip_flop", "test_task": "nonesuch"}, r"unknown task 'nonesuch'"),
         ({"attention": "kernelized_rpe", "pe": "t5"}, r"pe='t5' acts on the attention logits"),
         ({"attention": "kernelized_rpe", "attention_params": {"rpe": "x"}}, r"rpe='x' is not one of"),
     ],
@@ -52,5 +54,10 @@ def test_later_fields_at_their_default_keep_earlier_run_ids():
     randomized = RunConfig.create(task="copy", pe="alibi", positions="randomized")
     assert randomized.canonical()["positions"] == "randomized" and randomized.run_id() != plain.run_id()
     assert "attention" not in plain.canonical() and "attention_params" not in plain.canonical()
+    assert "test_task" not in plain.canonical()
+    cross = RunConfig.create(
+        task="flip_flop", pe="alibi", test_task="flip_flop_sparse", train_length="2:20", test_length="2:40"
+    )
+    assert cross.canonical()["test_task"] == "flip_flop_sparse"
     kernelized = RunConfig.create(task="copy", pe="nope", attention="kernelized_rpe")
     assert kernelized.canonical()["attention"] == "kernelized_rpe"

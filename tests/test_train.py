@@ -126,3 +126,14 @@ def test_coupled_ids_reach_training_from_the_tokens(monkeypatch):
         op, eq = row.index(plus), row.index(equals)
         assert row_ids[op] == row_ids[eq]  # the operator and '=' share the top id
         assert row_ids[op - 1] == row_ids[eq - 1] == row_ids[eq + 1]  # units digits of a, b and the answer
+
+
+def test_test_task_draws_the_test_set_from_another_task():
+    from poslab.config import RunConfig
+    from poslab.train import make_splits
+
+    base = dict(task="flip_flop", train_length="4:6", test_length="4:8", train_examples=30, test_per_length=5)
+    same = make_splits(RunConfig.create(**base))
+    cross = make_splits(RunConfig.create(**base, test_task="flip_flop_sparse"))
+    assert torch.equal(same.train.tokens, cross.train.tokens)  # training data unchanged
+    assert not torch.equal(same.test.tokens, cross.test.tokens)
