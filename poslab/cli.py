@@ -1,4 +1,4 @@
-"""The ``poslab`` command line: list, tasks, run, sweep, report, demo, lm."""
+"""The ``poslab`` command line: list, tasks, run, sweep, report, demo, lm, vit."""
 
 from __future__ import annotations
 
@@ -290,6 +290,34 @@ LM_FIELDS = (
 )
 
 
+def cmd_vit(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from poslab import vision
+    from poslab.config import format_validation_error
+
+    try:
+        if args.study:
+            print(vision.run_vit_study(args.study, progress=not args.no_progress)["report"])
+            return 0
+        fields: dict[str, Any] = {"pe": args.pe, "train_grid": args.train_grid, "steps": args.steps, "seed": args.seed}
+        if args.test_grids:
+            fields["test_grids"] = _ints(args.test_grids, "--test-grids")
+        for item in args.pe_param or []:
+            key, _, value = item.partition("=")
+            fields.setdefault("pe_params", {})[key] = _parse_value(value)
+        try:
+            cfg = vision.ViTConfig(**{k: v for k, v in fields.items() if v is not None})
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err).replace("invalid run config", "invalid vit run")) from None
+        record = vision.run_vit(cfg, progress=not args.no_progress)
+        print(json.dumps(record if args.json else record["accuracy"], indent=2))
+        return 0
+    except ValueError as err:
+        print(f"poslab vit: {err}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poslab", description="Position in Transformers: encodings and a lab.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -385,6 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file")
     q.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_lm)
+
+    p = sub.add_parser("vit", help="2-D positions: a small ViT trained at one patch grid, tested on larger grids")
+    p.add_argument("--study", help="TOML study file (variants x seeds); the other flags are ignored")
+    p.add_argument("--pe", help="encoding (rope_2d, seqpe, learned, ...)")
+    p.add_argument("--pe-param", action="append", metavar="NAME=VALUE")
+    p.add_argument("--train-grid", type=int)
+    p.add_argument("--test-grids", help="comma-separated grid sizes, e.g. 4,6,8")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print the whole record")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_vit)
 
     p = sub.add_parser("demo", help="the quickstart study (make demo)")
     p.add_argument("--file", help="sweep file (default examples/quickstart.toml)")

@@ -351,27 +351,46 @@ class Transformer(nn.Module):
             raise ValueError("a KV cache needs a causal (decoder) model; this one is an encoder")
         return KVCache(self.config.num_layers)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor | None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        inputs_embeds: Tensor | None = None,
+    ) -> Tensor:
         """Logits for every token.
 
         Args:
-            input_ids: ``(B, T)`` token ids.
+            input_ids: ``(B, T)`` token ids (or None with ``inputs_embeds``).
             position_ids: ``(B, T)`` or ``(T,)`` ids, integer or float; default
                 ``past + arange(T)`` where ``past`` is the cache length.
             cache: a :class:`KVCache` to read and extend (incremental decoding).
+            inputs_embeds: ``(B, T, d_model)`` vectors used instead of the token embeddings
+                (image patches, for instance).
 
         Returns:
             ``(B, T, vocab_size)`` logits.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        b, t = input_ids.shape
+        if inputs_embeds is not None:
+            if input_ids is not None:
+                raise ValueError("give input_ids or inputs_embeds, not both")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
+                raise ValueError(
+                    f"inputs_embeds must be (B, T, d_model={self.config.d_model}), got {tuple(inputs_embeds.shape)}"
+                )
+            b, t = inputs_embeds.shape[:2]
+        elif input_ids is None or input_ids.dim() != 2:
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"input_ids must be (B, T), got {shape}")
+        else:
+            b, t = input_ids.shape
+        device = (inputs_embeds if inputs_embeds is not None else input_ids).device
         if cache is not None and not self.config.causal:
             raise ValueError("a KV cache needs a causal (decoder) model; this one is an encoder")
         past = cache.length if cache is not None else 0
         contiguous = position_ids is None and (cache is None or cache.contiguous)
         if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=input_ids.device)[None]  # (1, T)
+            position_ids = torch.arange(past, past + t, device=device)[None]  # (1, T)
             max_position = past + t - 1
         else:
             position_ids = self._check_ids(position_ids, b, t)
@@ -380,14 +399,14 @@ class Transformer(nn.Module):
             self.pe.check_length(max_position)  # fail before any work
 
         sites = self.pe.sites
-        x = self.tok_emb(input_ids)  # (B, T, d)
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         if Site.INPUT in sites:
             x = x * self.pe.token_scale() + self.pe.input_embedding(position_ids).to(x.dtype)
         rotary = None
         if Site.QK in sites and not self.pe.content_dependent:  # content ones transform q/k in attend
             rotary = self.pe.rotary(position_ids, x.dtype)
         bias = content = None
-        idx_q = torch.arange(past, past + t, device=input_ids.device)
+        idx_q = torch.arange(past, past + t, device=device)
         idx_k = idx_q
         if cache is not None:
             keep = None

@@ -164,9 +164,9 @@ def test_ray_executor_runs_the_same_sweep(tmp_path):
         assert rec["per_length"] == by_pe[rec["config"]["pe"]]["per_length"]  # same results on either executor
 
 
-def _sweep_files():  # language-modelling studies (a [pretrain] table) are poslab lm study files
+def _sweep_files():  # sweeps have a [grid]; LM studies ([pretrain]) and ViT studies ([[variant]]) do not
     paths = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
-    return [p for p in paths if "\n[pretrain]" not in p.read_text()]
+    return [p for p in paths if "\n[grid]" in p.read_text()]
 
 
 @pytest.mark.parametrize("path", _sweep_files())
