@@ -161,12 +161,13 @@ def load_model(path: str | Path, method: str = "none", target_length: int | None
     target = max(target_length or cfg.train_length, cfg.train_length)
     if tuned != "none":
         target = record["finetune"]["target_length"]
-    factors = None
+    factors, n_hat = None, 0
     if method == "longrope":
         found = path / f"longrope_{target}.json"
         if found.exists():
-            factors = json.loads(found.read_text())["long_factor"]
-    pe, params = method_encoding(method, cfg.train_length, target, cfg.rope_base, factors)
+            searched = json.loads(found.read_text())
+            factors, n_hat = searched["long_factor"], searched.get("n_hat", 0)
+    pe, params = method_encoding(method, cfg.train_length, target, cfg.rope_base, factors, n_hat)
     model = _model(cfg, pe, params, max(target, target_length or 0, cfg.train_length) * 2)
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if unexpected or [k for k in missing if not (k.startswith("pe.") or k == "head.weight")]:
@@ -286,14 +287,16 @@ def search_longrope(
     crossovers: int = 8,
     parents: int = 8,
     span: int | None = None,
+    n_hat_choices: tuple[int, ...] | None = None,
     seed: int = 0,
     corpus: Corpus | None = None,
     progress: bool = True,
 ) -> dict:
     """LongRoPE's search (:mod:`poslab.extend.longrope_search`) for a pretrained model: the
-    fitness is perplexity on the validation split at ``target_length`` (``n_hat`` = 0: poslab's
-    RoPE keeps one frequency set for all positions). Writes ``longrope_<target>.json``."""
-    from poslab.extend.longrope_search import search
+    fitness is perplexity on the validation split at ``target_length``; ``n_hat`` (the leading
+    positions that keep the original frequencies) is searched over the paper's choices below
+    the training length. Writes ``longrope_<target>.json``."""
+    from poslab.extend.longrope_search import N_HAT_CHOICES, search
 
     path = Path(path)
     record = read_record(path)
@@ -307,19 +310,22 @@ def search_longrope(
     model, _ = load_model(path, "none", target_length)
     head_dim = cfg.d_model // cfg.num_heads
     scale = target_length / cfg.train_length
+    if n_hat_choices is None:
+        n_hat_choices = tuple(n for n in N_HAT_CHOICES if n < cfg.train_length)
 
     def fitness(candidate) -> float:
         from poslab.extend.longrope_search import scaling_dict
 
-        model.pe.set_scaling(scaling_dict(candidate, cfg.train_length, scale), target_length)
+        model.pe.set_scaling(scaling_dict(candidate, cfg.train_length, scale), target_length, n_hat=candidate.n_hat)
         return perplexity(model, corpus.val, target_length, span=span)["perplexity"]
 
     result = search(
         fitness, head_dim=head_dim, base=cfg.rope_base, train_length=cfg.train_length, scale=scale,
         population=population, iterations=iterations, mutations=mutations, crossovers=crossovers,
-        parents=parents, n_hat_choices=(0,), seed=seed, progress=progress,
+        parents=parents, n_hat_choices=n_hat_choices, seed=seed, progress=progress,
     )  # fmt: skip
-    out = {"target_length": target_length, "long_factor": list(result.best.factors), "fitness": result.fitness,
+    out = {"target_length": target_length, "long_factor": list(result.best.factors), "n_hat": result.best.n_hat,
+           "fitness": result.fitness,
            "history": result.history, "evaluated": result.evaluated, "seed": seed, "span": span}  # fmt: skip
     (path / f"longrope_{target_length}.json").write_text(json.dumps(out, indent=2))
     return out

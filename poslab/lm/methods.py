@@ -15,7 +15,12 @@ METHODS = ("none", "pi", "ntk", "yarn", "dynamic", "lm_infinite", "self_extend",
 
 
 def method_encoding(
-    name: str, train_length: int, target_length: int, base: float = 10000.0, longrope_factors: list | None = None
+    name: str,
+    train_length: int,
+    target_length: int,
+    base: float = 10000.0,
+    longrope_factors: list | None = None,
+    longrope_n_hat: int = 0,
 ) -> tuple[str, dict[str, Any]]:
     """``(pe, pe_params)`` that runs a model pretrained at ``train_length`` with method ``name``
     for contexts up to ``target_length``; ``longrope`` takes the searched ``long_factor``
@@ -47,7 +52,8 @@ def method_encoding(
         from poslab.extend.longrope_search import Candidate, scaling_dict
 
         scaling = scaling_dict(Candidate(tuple(longrope_factors)), train_length, s)
-        return "rope", {**rope, "rope_scaling": scaling, "max_position_embeddings": target_length}
+        params = {**rope, "rope_scaling": scaling, "max_position_embeddings": target_length}
+        return "rope", {**params, "n_hat": longrope_n_hat} if longrope_n_hat else params
     if name == "lm_infinite":
         return "lm_infinite", {**rope, "local": train_length, "n_global": 10, "cap": train_length}
     # Self-Extend: neighbour window W = L / 2 (a multiple of G) and the smallest group size G

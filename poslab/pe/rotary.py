@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from poslab.pe import functional as F
-from poslab.pe.base import PositionalEncoding, Rotary, Site, register
+from poslab.pe.base import PositionalEncoding, Rotary, Site, check_int, register
 
 __all__ = ["RoPE", "PRoPE", "ResonanceRoPE", "XPos", "RoPE2D"]
 
@@ -39,6 +39,8 @@ class RoPE(PositionalEncoding):
             cos and sin. ``dynamic`` and ``longrope`` follow the current length (largest id + 1).
         max_position_embeddings: the context the scaling is configured for (its ``L'``;
             ``dynamic`` treats it as the original length, as ``transformers`` does).
+        n_hat: with a scaling, positions below ``n_hat`` keep the unscaled frequencies
+            (LongRoPE's non-uniformity ``n^``; 0 = none). Not relative across that boundary.
     """
 
     paper = "RoFormer: Enhanced Transformer with Rotary Position Embedding, Su, 2021, arXiv 2104.09864"
@@ -54,22 +56,30 @@ class RoPE(PositionalEncoding):
         layout: str = "half",
         rope_scaling: dict | None = None,
         max_position_embeddings: int = 2048,
+        n_hat: int = 0,
     ) -> None:
         super().__init__()
         _check_layout(self.name, layout)
+        check_int(self.name, "n_hat", n_hat, 0)
+        self.n_hat = n_hat
         if base <= 1.0:
             raise ValueError(f"rope: base must be > 1, got {base}")
         self.head_dim, self.base, self.layout = head_dim, base, layout
         self.rot_dim = F.rotary_dim(head_dim, partial_rotary_factor)
         self.register_buffer("inv_freq", F.rope_inv_freq(self.rot_dim, base), persistent=False)
+        self.register_buffer("plain_inv_freq", self.inv_freq.clone(), persistent=False)
         self.rope_scaling, self.max_position_embeddings, self.attention_factor = None, max_position_embeddings, 1.0
         if rope_scaling:
             self.set_scaling(rope_scaling)
 
-    def set_scaling(self, rope_scaling: dict | None, max_position_embeddings: int | None = None) -> None:
+    def set_scaling(
+        self, rope_scaling: dict | None, max_position_embeddings: int | None = None, n_hat: int | None = None
+    ) -> None:
         """Change the scaling in place (a search over factors need not rebuild the model)."""
         if max_position_embeddings is not None:
             self.max_position_embeddings = max_position_embeddings
+        if n_hat is not None:
+            self.n_hat = n_hat
         if not rope_scaling:
             self.rope_scaling, self.attention_factor = None, 1.0
             self.inv_freq = F.rope_inv_freq(self.rot_dim, self.base).to(self.inv_freq.device)
@@ -92,6 +102,10 @@ class RoPE(PositionalEncoding):
             if self.attention_factor != 1.0:
                 scale = torch.tensor(self.attention_factor, dtype=torch.float64)
         cos, sin = F.rope_cos_sin(positions, inv_freq, self.layout, dtype, scale=scale)  # (B, 1, T, R)
+        if self.n_hat and self.rope_scaling is not None:  # LongRoPE: the first n_hat positions unscaled
+            plain_cos, plain_sin = F.rope_cos_sin(positions, self.plain_inv_freq, self.layout, dtype, scale=scale)
+            early = (positions < self.n_hat).reshape(cos.shape[0], 1, -1, 1)
+            cos, sin = torch.where(early, plain_cos, cos), torch.where(early, plain_sin, sin)
         return Rotary(cos, sin, cos, sin, self.layout)
 
 

@@ -142,3 +142,19 @@ def test_rope_2d_bad_input():
     rope = Transformer(vocab_size=20, d_model=32, num_layers=1, num_heads=2, pe="rope")
     with pytest.raises(ValueError, match=r"position_ids must be \(B, T\)"):
         rope(torch.randint(0, 20, (1, 4)), position_ids=torch.zeros(1, 4, 2, dtype=torch.long))
+
+
+def test_longrope_n_hat_keeps_the_first_positions_unscaled():
+    from poslab.pe import build
+
+    scaling = {"rope_type": "longrope", "long_factor": [2.0] * 8, "short_factor": [1.0] * 8,
+               "original_max_position_embeddings": 32, "factor": 4.0}  # fmt: skip
+    pos = torch.arange(100)[None]
+    plain = build("rope", head_dim=16).rotary(pos, torch.float64)
+    scaled = build("rope", head_dim=16, rope_scaling=scaling, max_position_embeddings=128).rotary(pos, torch.float64)
+    mixed = build("rope", head_dim=16, rope_scaling=scaling, max_position_embeddings=128, n_hat=8)
+    rot = mixed.rotary(pos, torch.float64)
+    factor = scaled.cos_q[0, 0, 0, 0]  # the attention factor folded into cos at position 0
+    assert torch.allclose(rot.cos_q[..., :8, :], plain.cos_q[..., :8, :] * factor)
+    assert torch.allclose(rot.cos_q[..., 8:, :], scaled.cos_q[..., 8:, :])
+    assert torch.equal(build("rope", head_dim=16, n_hat=8).rotary(pos, torch.float64).cos_q, plain.cos_q)
