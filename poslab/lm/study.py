@@ -261,6 +261,7 @@ def write_report(results: dict, root: Path) -> None:
         kmax = ", ".join(str(k) for k in r["k_max"]) or "-"
         md.append(f"| {r['label']} | {cells} | {kmax} |")
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 methods, each its own colour
     for r in rows:
         xs = [int(c) for c in lengths]
         ax.errorbar(xs, [r["ppl"][c][0] for c in lengths], yerr=[r["ppl"][c][1] for c in lengths],
