@@ -20,7 +20,7 @@ from poslab.pe import functional as F
 from poslab.pe.base import AttentionContext, check_int, register
 from poslab.pe.rotary import RoPE
 
-__all__ = ["SelfExtend", "StringRoPE", "LMInfinite", "MsPoE"]
+__all__ = ["SelfExtend", "StringRoPE", "LMInfinite", "StreamingLLM", "MsPoE"]
 
 
 class _TwoBranchRoPE(RoPE):
@@ -57,6 +57,9 @@ class _TwoBranchRoPE(RoPE):
         if allowed is not None:
             keep = keep & allowed
         logits = logits.masked_fill(~keep, float("-inf"))
+        if getattr(self, "zero_sink", False):  # softmax + 1: an extra key with logit 0 and a zero value
+            logits = torch.cat((logits, torch.zeros_like(logits[..., :1])), dim=-1)
+            return (logits.softmax(-1)[..., :-1] @ v.to(work)).to(q.dtype)
         return (logits.softmax(-1) @ v.to(work)).to(q.dtype)
 
     def effective_distance(self, pos_q: Tensor, pos_k: Tensor) -> Tensor:
@@ -251,6 +254,63 @@ class LMInfinite(_TwoBranchRoPE):
     def effective_distance(self, pos_q, pos_k):
         d = _distance(pos_q, pos_k)
         return torch.where(d < self.local, d, torch.full_like(d, self.cap))  # on the allowed pairs
+
+
+@register("streaming_llm")
+class StreamingLLM(LMInfinite):
+    """StreamingLLM: attention sinks and a recent window, positions by index inside the cache.
+
+    *Efficient Streaming Language Models with Attention Sinks*, Xiao (Guangxuan), 2023, arXiv
+    2309.17453 (methods.md 7.3). The cache keeps the first ``sinks`` tokens and the ``window``
+    most recent ones, and every key and query sits at its index inside that cache: a recent
+    key keeps its distance ``i - j``, a sink is at ``min(i, sinks + window - 1) - j``. So
+    the cache's ids are always contiguous, and while it is not full the model is plain RoPE.
+    ``zero_sink`` adds the "softmax + 1" variant (an extra key with logit 0 and a zero value).
+
+    Args:
+        head_dim, base, partial_rotary_factor, layout, rope_scaling, max_position_embeddings: RoPE's.
+        window: ``W_r``, recent tokens kept.
+        sinks: first tokens kept (4 in the paper).
+        zero_sink: softmax with ``+1`` in the denominator.
+    """
+
+    paper = "Efficient Streaming Language Models with Attention Sinks, Xiao (Guangxuan), 2023, arXiv 2309.17453"
+
+    def __init__(
+        self,
+        *,
+        head_dim: int,
+        window: int = 1020,
+        sinks: int = 4,
+        zero_sink: bool = False,
+        causal: bool = True,
+        base: float = 10000.0,
+        partial_rotary_factor: float = 1.0,
+        layout: str = "half",
+        rope_scaling: dict | None = None,
+        max_position_embeddings: int = 2048,
+    ) -> None:
+        if not causal:
+            raise ValueError("streaming_llm is defined for causal attention only (causal=False was given)")
+        check_int("streaming_llm", "window", window, 1)
+        check_int("streaming_llm", "sinks", sinks, 0)
+        super().__init__(
+            head_dim=head_dim, local=window, n_global=sinks, cap=window, base=base,
+            partial_rotary_factor=partial_rotary_factor, layout=layout, rope_scaling=rope_scaling,
+            max_position_embeddings=max_position_embeddings,
+        )  # fmt: skip
+        self.zero_sink = bool(zero_sink)
+
+    def branches(self, pos_q, pos_k):
+        tq, tk = pos_q.shape[-1], pos_k.shape[-1]
+        use_near = _distance(pos_q, pos_k) < self.local
+        full = self.n_global + self.local - 1  # a query's index once the cache is full
+        return pos_q.clamp(max=full), pos_k, use_near, self.allowed(tq, tk, pos_q.device)
+
+    def effective_distance(self, pos_q, pos_k):
+        d = _distance(pos_q, pos_k)
+        far = pos_q.clamp(max=self.n_global + self.local - 1)[:, :, None] - pos_k[:, None, :]
+        return torch.where(d < self.local, d, far)
 
 
 MS_POE_ASSIGNMENTS = ("rank", "reference_gather", "fixed")

@@ -14,6 +14,7 @@ CASES = [
     ("self_extend", {"group_size": 4, "window": 8}),
     ("string_rope", {"shift": 10, "local": 4}),
     ("lm_infinite", {"local": 8, "n_global": 3}),
+    ("streaming_llm", {"window": 8, "sinks": 3}),
 ]
 
 
@@ -192,3 +193,28 @@ def test_ms_poe_bad_parameters():
         _ms_poe(assignment="sorted")
     with pytest.raises(ValueError, match="head_order must be a permutation"):
         _ms_poe(head_order=[0, 0, 1, 2])
+
+
+def test_streaming_llm_ids_inside_the_cache_and_softmax_plus_one():
+    enc = pe.build("streaming_llm", head_dim=8, window=6, sinks=2)
+    pos = torch.arange(20)[None]
+    d = enc.effective_distance(pos, pos)[0]
+    assert int(d[19, 0]) == (2 + 6 - 1) - 0 and int(d[19, 1]) == 6  # sinks sit at their cache index
+    assert int(d[19, 15]) == 4 and int(d[6, 0]) == 6  # recent keys and a cache not yet full: plain
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ids = torch.arange(12)[None]
+    ctx = AttentionContext(pos_q=ids, pos_k=ids, contiguous=True, causal=True)
+    plain = enc.double().attend(q, k, v, ctx)
+    zero = pe.build("streaming_llm", head_dim=8, window=6, sinks=2, zero_sink=True).double()
+    # softmax + 1 equals one more key with logit 0 and value 0: out * S / (S + 1), S = sum exp(logits)
+    out = zero.attend(q, k, v, ctx)
+    scores = torch.zeros(1, 2, 12, 12, dtype=torch.float64)
+    d_map = zero.effective_distance(ids, ids)[0].double()
+    for i in range(12):
+        cos, sin = F.rope_cos_sin(d_map[i], zero.inv_freq, zero.layout, q.dtype)
+        rq = F.apply_rope(q[:, :, i : i + 1].expand(-1, -1, 12, -1), cos, sin, zero.layout)
+        scores[:, :, i] = ((rq * k).sum(-1) / math.sqrt(8)).exp()
+    allowed = torch.ones(12, 12).tril().bool() & zero.allowed(12, 12, "cpu")
+    logits_sum = (scores * allowed).sum(-1, keepdim=True)
+    torch.testing.assert_close(out, plain * logits_sum / (logits_sum + 1))
