@@ -106,7 +106,8 @@ def apply(
     return model
 
 
-def _apply_rope(model: nn.Module, rope_scaling: dict | None) -> None:
+def _llama_family(model: nn.Module):
+    """``(config, inner)``: the model's config and the module holding ``rotary_emb``."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODELS:
@@ -114,6 +115,11 @@ def _apply_rope(model: nn.Module, rope_scaling: dict | None) -> None:
     inner = model.model if hasattr(model, "model") and hasattr(model.model, "rotary_emb") else model
     if not hasattr(inner, "rotary_emb"):
         raise ValueError(f"apply: {type(model).__name__} has no rotary_emb to replace")
+    return config, inner
+
+
+def _apply_rope(model: nn.Module, rope_scaling: dict | None) -> None:
+    config, inner = _llama_family(model)
     own = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if own != "default":
         raise ValueError(f"apply: the model already scales RoPE (rope_type {own!r}); give it a plain-RoPE config")
@@ -185,13 +191,7 @@ def apply_lm_infinite(model: nn.Module, *, local: int, n_global: int = 10, cap: 
     cap = local if cap is None else cap
     for field, value, low in (("local", local, 1), ("n_global", n_global, 0), ("cap", cap, 1)):
         check_int("lm_infinite", field, value, low)
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in SUPPORTED_MODELS:
-        raise ValueError(
-            f"apply: model_type {getattr(config, 'model_type', None)!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODELS)}"
-        )
-    inner = model.model if hasattr(model, "model") and hasattr(model.model, "rotary_emb") else model
+    _, inner = _llama_family(model)
     rotary = inner.rotary_emb
     if getattr(rotary, "rope_type", "default") in _LENGTH_DEPENDENT:
         raise ValueError("lm_infinite needs fixed RoPE frequencies; dynamic and longrope change with the length")
