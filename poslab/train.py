@@ -114,6 +114,26 @@ def position_ids(
     )
 
 
+def shift_ids(pe, ids: Tensor | None, length: int, generator: torch.Generator, device=None):
+    """An encoding's main-task random shift for one training step (SeqPE's
+    :meth:`~poslab.pe.seqpe.SeqPE.training_offset`): ``(ids, span, shifted)``, where ``span``
+    is the extent of the unshifted 1-D ids (their largest + 1)."""
+    span = length if ids is None else int(ids.max()) + 1
+    offset = pe.training_offset(span, generator) if hasattr(pe, "training_offset") else None
+    if offset is None:
+        return ids, span, False
+    base = torch.arange(length, device=device)[None] if ids is None else ids
+    return base + offset[0], span, True
+
+
+def encoding_loss(pe, step: int, span, generator: torch.Generator, shifted: bool = False) -> Tensor | None:
+    """An encoding's own regularizers for one training step (SeqPE's contrastive and
+    distillation terms), or None for encodings without them."""
+    if not hasattr(pe, "auxiliary_loss"):
+        return None
+    return pe.auxiliary_loss(step, span, generator, shifted)
+
+
 def lr_factor(step: int, total: int, warmup: float) -> float:
     """Linear warm-up over ``warmup * total`` steps, then linear decay to 0."""
     w = max(1, round(warmup * total))
@@ -248,12 +268,12 @@ def train(
         idx = torch.randint(0, n, (config.batch_size,), generator=gen)
         inputs, labels = splits.train.batch(idx)
         ids = position_ids(config, inputs, training=True, generator=gen, vocab=splits.vocab)
+        ids, span, shifted = shift_ids(model.pe, ids, inputs.shape[1], gen, inputs.device)
         logits = model(inputs, position_ids=ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
-        if hasattr(model.pe, "auxiliary_loss"):  # an encoding's own regularizers (SeqPE)
-            extra = model.pe.auxiliary_loss(step, inputs.shape[1], gen)
-            if extra is not None:
-                loss = loss + extra
+        extra = encoding_loss(model.pe, step, span, gen, shifted)
+        if extra is not None:
+            loss = loss + extra
         if not torch.isfinite(loss):
             bar.close()
             raise NonFiniteLossError(

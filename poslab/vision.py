@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from poslab import pe as pe_lib
 from poslab.model import Transformer
+from poslab.train import encoding_loss
 
 __all__ = [
     "SHAPES",
@@ -119,9 +120,9 @@ class VisionTransformer(nn.Module):
         params = dict(cfg.pe_params)
         if cfg.pe == "seqpe":
             params.setdefault("dims", 2)
-            params.setdefault("max_position", cfg.stride)
-            params.setdefault("contrastive_weight", 0.0)  # the 2-D regularizers are not implemented yet
-            params.setdefault("distill_weight", 0.0)
+            # room past the test grids for the distillation windows and the random shift
+            params.setdefault("max_position", max(cfg.stride, 4 * cfg.train_grid))
+            params.setdefault("sample_range", 4 * cfg.train_grid**2)  # a (2 G)^2 window of near candidates
         self.patch_embed = nn.Linear(cfg.patch * cfg.patch, cfg.d_model)
         self.body = Transformer(
             vocab_size=len(SHAPES), d_model=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -130,9 +131,21 @@ class VisionTransformer(nn.Module):
         self.two_d = self.body.pe.position_dims == 2
         self.stride = cfg.stride
 
-    def forward(self, patches: Tensor, grid: int) -> Tensor:
-        ids = grid_ids(grid, self.two_d, self.stride).to(patches.device)
+    def forward(self, patches: Tensor, grid: int, position_ids: Tensor | None = None) -> Tensor:
+        """Class logits; ``position_ids`` default to :func:`grid_ids` of ``grid``."""
+        ids = grid_ids(grid, self.two_d, self.stride).to(patches.device) if position_ids is None else position_ids
         return self.body(None, position_ids=ids, inputs_embeds=self.patch_embed(patches)).mean(1)
+
+    def training_ids(self, grid: int, generator: torch.Generator) -> tuple[Tensor, object, bool]:
+        """The ids of one training step, with the encoding's random shift (SeqPE's) applied:
+        ``(ids, span, shifted)``; ``span`` is the grid ``(G, G)`` for 2-D ids."""
+        ids = grid_ids(grid, self.two_d, self.stride)
+        pe = self.body.pe
+        span = (grid, grid) if self.two_d else int(ids.max()) + 1
+        offset = pe.training_offset(span, generator) if hasattr(pe, "training_offset") else None
+        if offset is None:
+            return ids, span, False
+        return ids + torch.tensor(offset if self.two_d else offset[0]), span, True
 
 
 def run_vit(cfg: ViTConfig, *, progress: bool = True) -> dict:
@@ -145,9 +158,13 @@ def run_vit(cfg: ViTConfig, *, progress: bool = True) -> dict:
     size = cfg.patch * cfg.train_grid
     t0, losses = time.perf_counter(), []
     model.train()
-    for _ in tqdm(range(cfg.steps), disable=not progress, desc=f"vit/{cfg.pe}", leave=False):
+    for step in tqdm(range(cfg.steps), disable=not progress, desc=f"vit/{cfg.pe}", leave=False):
         images, labels = render_shapes(cfg.batch_size, size, gen)
-        loss = F.cross_entropy(model(patchify(images, cfg.patch), cfg.train_grid), labels)
+        ids, span, shifted = model.training_ids(cfg.train_grid, gen)
+        loss = F.cross_entropy(model(patchify(images, cfg.patch), cfg.train_grid, ids), labels)
+        extra = encoding_loss(model.body.pe, step, span, gen, shifted)
+        if extra is not None:
+            loss = loss + extra
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -22,15 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from poslab import pe as pe_lib
 from poslab.lm.corpus import VOCAB_SIZE, Corpus, load_corpus
 from poslab.lm.methods import METHODS, method_encoding
 from poslab.model import Transformer
-from poslab.train import NonFiniteLossError, make_optimizer, optimizer_step
+from poslab.train import NonFiniteLossError, encoding_loss, make_optimizer, optimizer_step, shift_ids
 
 __all__ = [
     "LMConfig",
@@ -58,6 +59,11 @@ class LMConfig(BaseModel):
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
     rope_base: float = Field(10000.0, gt=1.0)
+    pe: str = Field("rope", description="the encoding pretrained with; context-extension methods need rope")
+    pe_params: dict[str, Any] = Field(default_factory=dict, description="its parameters")
+    max_position: int | None = Field(
+        None, ge=8, description="the longest context a non-RoPE model represents (learned tables, SeqPE); default 8 L"
+    )
     steps: int = Field(2000, gt=0)
     batch_size: int = Field(32, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -65,6 +71,34 @@ class LMConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
+
+    @field_validator("pe")
+    @classmethod
+    def _pe(cls, name: str) -> str:
+        pe_lib.get(name)  # an unknown name lists the valid ones
+        return name
+
+    @model_validator(mode="after")
+    def _rope_params(self) -> LMConfig:
+        if self.pe == "rope" and self.pe_params:
+            raise ValueError(
+                f"pe_params={self.pe_params!r}: a RoPE model takes only rope_base here (context-extension methods "
+                "set the rest at evaluation)"
+            )
+        return self
+
+    @property
+    def positions(self) -> int:
+        """The longest context of a non-RoPE model (``max_position``, default ``8 L``)."""
+        return self.max_position or 8 * self.train_length
+
+    def encoding(self) -> tuple[str, dict[str, Any]]:
+        """``(pe, pe_params)`` of pretraining (RoPE gets ``rope_base``; SeqPE gets ``P_max``)."""
+        if self.pe == "rope":
+            return "rope", {"base": self.rope_base, **self.pe_params}
+        if self.pe == "seqpe":
+            return "seqpe", {"max_position": self.positions, **self.pe_params}
+        return self.pe, dict(self.pe_params)
 
 
 def _model(cfg: LMConfig, pe: str, pe_params: dict, max_seq_len: int) -> Transformer:
@@ -93,8 +127,12 @@ def _train_loop(model, data, cfg: LMConfig, steps: int, lr: float, length: int, 
     for step in range(steps):
         window = _windows(data, length, cfg.batch_size, gen)
         inputs, ids = make_ids(window, gen)
+        ids, span, shifted = shift_ids(model.pe, ids, length, gen)  # an encoding's own shift (SeqPE)
         logits = model(inputs[:, :-1], position_ids=ids)
         loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), inputs[:, 1:].reshape(-1))
+        extra = encoding_loss(model.pe, step, span, gen, shifted)
+        if extra is not None:
+            loss = loss + extra
         if not torch.isfinite(loss):
             bar.close()
             raise NonFiniteLossError(f"{desc}: training loss became {loss.item()} at step {step}; lower the lr")
@@ -110,20 +148,28 @@ def _train_loop(model, data, cfg: LMConfig, steps: int, lr: float, length: int, 
 
 def _save(model: Transformer, out: Path, record: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight" and not k.startswith("pe.")}
+    # the encoding's parameters are kept (learned tables, SeqPE); its buffers are not (RoPE's
+    # tables are rebuilt by each context-extension method)
+    kept = {f"pe.{name}" for name, _ in model.pe.named_parameters()}
+    state = {
+        k: v.contiguous()
+        for k, v in model.state_dict().items()
+        if k != "head.weight" and (not k.startswith("pe.") or k in kept)
+    }
     save_file(state, out / "model.tmp")
     (out / "model.tmp").replace(out / "model.safetensors")
     (out / "record.json").write_text(json.dumps(record, indent=2))
 
 
 def pretrain(cfg: LMConfig, out: str | Path, *, corpus: Corpus | None = None, progress: bool = True) -> dict:
-    """Pretrain at ``cfg.train_length`` with plain RoPE; writes ``model.safetensors`` and
+    """Pretrain at ``cfg.train_length`` with ``cfg.pe`` (plain RoPE by default); writes ``model.safetensors`` and
     ``record.json`` (config, corpus digest, loss curve) to ``out``; returns the record."""
     from poslab.runner import loss_curve
 
     corpus = corpus or load_corpus(cfg.corpus, max_bytes=cfg.max_bytes)
     torch.manual_seed(cfg.seed)
-    model = _model(cfg, "rope", {"base": cfg.rope_base}, cfg.train_length)
+    pe, params = cfg.encoding()
+    model = _model(cfg, pe, params, cfg.train_length if pe == "rope" else cfg.positions)
     t0 = time.perf_counter()
     losses = _train_loop(
         model, corpus.train, cfg, cfg.steps, cfg.lr, cfg.train_length, lambda w, g: (w, None), progress, "pretrain"
@@ -158,6 +204,19 @@ def load_model(path: str | Path, method: str = "none", target_length: int | None
     tuned = record.get("method", "none")
     if tuned != "none" and method != tuned:
         raise ValueError(f"the model at {str(path)!r} was fine-tuned with {tuned!r}; evaluate it with that method")
+    if cfg.pe != "rope":
+        if method != "none":
+            raise ValueError(
+                f"context-extension method {method!r} needs a RoPE model; the model at {str(path)!r} was pretrained "
+                f"with pe={cfg.pe!r} (use method 'none')"
+            )
+        if target_length is not None and target_length > cfg.positions:
+            raise ValueError(
+                f"target_length={target_length} is past the {cfg.positions} positions the model at {str(path)!r} "
+                f"represents (its max_position)"
+            )
+        pe, params = cfg.encoding()
+        return _load_weights(_model(cfg, pe, params, cfg.positions), path), record
     target = max(target_length or cfg.train_length, cfg.train_length)
     if tuned != "none":
         target = record["finetune"]["target_length"]
@@ -169,12 +228,18 @@ def load_model(path: str | Path, method: str = "none", target_length: int | None
             factors, n_hat = searched["long_factor"], searched.get("n_hat", 0)
     pe, params = method_encoding(method, cfg.train_length, target, cfg.rope_base, factors, n_hat)
     model = _model(cfg, pe, params, max(target, target_length or 0, cfg.train_length) * 2)
+    return _load_weights(model, path), record
+
+
+def _load_weights(model: Transformer, path: Path) -> Transformer:
+    params = {f"pe.{name}" for name, _ in model.pe.named_parameters()}
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-    if unexpected or [k for k in missing if not (k.startswith("pe.") or k == "head.weight")]:
+    missing = [k for k in missing if k in params or not (k.startswith("pe.") or k == "head.weight")]
+    if unexpected or missing:
         raise ValueError(
             f"the weights at {str(path)!r} do not fit this model: missing {missing}, unexpected {unexpected}"
         )
-    return model.eval(), record
+    return model.eval()
 
 
 def finetune(
@@ -303,6 +368,10 @@ def search_longrope(
     if record.get("method", "none") != "none":
         raise ValueError(f"the model at {str(path)!r} is fine-tuned; search on a pretrained one")
     cfg = LMConfig(**record["config"])
+    if cfg.pe != "rope":
+        raise ValueError(
+            f"LongRoPE searches RoPE factors; the model at {str(path)!r} was pretrained with pe={cfg.pe!r}"
+        )
     if target_length <= cfg.train_length:
         raise ValueError(f"target_length={target_length} must exceed the training length {cfg.train_length}")
     corpus = corpus or load_corpus(cfg.corpus, max_bytes=cfg.max_bytes)

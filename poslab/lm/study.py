@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from poslab.lm.lab import PROTOCOLS, LMConfig, finetune, load_model, perplexity, pretrain, read_record
 from poslab.lm.methods import METHODS
@@ -49,6 +49,20 @@ class FinetuneSpec(BaseModel):
         return f"{self.method}{'_pose' if self.pose else ''}_{self.target_length}_{self.steps}"
 
 
+class EncodingSpec(BaseModel):
+    """One more pretrained model per seed: the study's pretraining with another encoding,
+    measured as it is (method ``none``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    label: str = Field(min_length=1)
+    pe: str
+    pe_params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def directory(self) -> str:
+        return "pretrained_" + "".join(ch if ch.isalnum() else "_" for ch in self.label)
+
+
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -61,6 +75,9 @@ class StudyConfig(BaseModel):
     stride: int | None = None
     span: int | None = None
     finetune: list[FinetuneSpec] = Field(default_factory=list)
+    encodings: list[EncodingSpec] = Field(
+        default_factory=list, description="other encodings pretrained like the RoPE model and measured as they are"
+    )
     passkey_lengths: list[int] = Field(default_factory=list)
     passkey_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     passkey_trials: int = Field(5, gt=0)
@@ -108,13 +125,37 @@ class StudyConfig(BaseModel):
             )
         return lengths
 
+    @model_validator(mode="after")
+    def _encodings(self) -> StudyConfig:
+        labels = [spec.label for spec in self.encodings]
+        taken = set(self.methods) | {spec.label for spec in self.finetune} | {"rope"}
+        for spec in self.encodings:
+            if labels.count(spec.label) > 1 or spec.label in taken:
+                raise ValueError(f"encodings: label {spec.label!r} is used twice (or by a method); labels must differ")
+            try:
+                cfg = self.lm_config(0, spec)
+            except ValidationError as err:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                raise ValueError(f"encodings: {spec.label!r}: {problems}") from None
+            longest = max(self.lengths + self.passkey_lengths)
+            if longest > cfg.positions:
+                raise ValueError(
+                    f"encodings: {spec.label!r} represents {cfg.positions} positions but the study measures "
+                    f"{longest}; raise pretrain.max_position"
+                )
+        return self
+
     @property
     def effective_context_window(self) -> int:
         """The window ``L'`` of the effective-context measurement: the longest passkey length."""
         return max(self.passkey_lengths)
 
-    def lm_config(self, seed: int) -> LMConfig:
-        return LMConfig(**self.pretrain, seed=seed)
+    def lm_config(self, seed: int, encoding: EncodingSpec | None = None) -> LMConfig:
+        """The pretraining config of one seed, RoPE's or ``encoding``'s."""
+        fields = dict(self.pretrain)
+        if encoding is not None:
+            fields.update(pe=encoding.pe, pe_params=encoding.pe_params)
+        return LMConfig(**fields, seed=seed)
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -130,8 +171,10 @@ def load_study(path: str | Path) -> StudyConfig:
 
 
 def _same_config(directory: Path, config: dict) -> bool:
+    """Whether ``directory`` holds a model of ``config`` (records from before a field existed
+    read it at its default)."""
     try:
-        return read_record(directory)["config"] == config
+        return LMConfig(**read_record(directory)["config"]).model_dump() == config
     except (ValueError, FileNotFoundError, json.JSONDecodeError):
         return False
 
@@ -165,6 +208,13 @@ def _models(study: StudyConfig, progress: bool) -> list[dict]:
                          lr=spec.lr, pose=spec.pose, batch_size=spec.batch_size, corpus=corpus,
                          progress=progress)  # fmt: skip
             entries.append({"seed": seed, "path": tuned, "label": spec.label, "method": spec.method})
+        for encoding in study.encodings:
+            other_cfg = study.lm_config(seed, encoding)
+            other = root / f"seed{seed}" / encoding.directory
+            if not _same_config(other, other_cfg.model_dump()):
+                corpus = corpus or load_corpus(cfg.corpus, max_bytes=cfg.max_bytes)
+                pretrain(other_cfg, other, corpus=corpus, progress=progress)
+            entries.append({"seed": seed, "path": other, "label": encoding.label, "method": "none"})
     return entries
 
 
@@ -194,7 +244,7 @@ def run_study(study: StudyConfig, *, progress: bool = True) -> dict:
                             iterations=study.longrope_iterations, seed=entry["seed"], corpus=corpora[key],
                             progress=progress)  # fmt: skip
         for method in methods:
-            label = entry["label"] or method
+            label = entry["label"] or ("rope" if study.encodings and method == "none" else method)
             model, _ = load_model(entry["path"], method, target)
             row: dict[str, Any] = {"seed": entry["seed"], "label": label, "method": method, "path": str(entry["path"])}
             row["perplexity"] = {
@@ -251,7 +301,7 @@ def write_report(results: dict, root: Path) -> None:
     lengths = [str(c) for c in study["lengths"]]
     train_length = StudyConfig(**study).lm_config(0).train_length
     md = [f"# {study['name']}", "",
-          f"Byte-level RoPE models pretrained at L = {train_length}; perplexity of the test split "
+          f"Byte-level {'' if study.get('encodings') else 'RoPE '}models pretrained at L = {train_length}; perplexity of the test split "
           f"({study['protocol']} protocol, the same {results['span']} bytes at every context), mean ± std over "
           f"seeds {study['seeds']}.", "",
           "| method | " + " | ".join(f"ppl @ {c}" for c in lengths) + " | k_max (PI) |",

@@ -34,7 +34,9 @@ __all__ = [
     "digits_to_positions",
     "SeqPEEncoder",
     "SeqPE",
+    "candidate_pools",
     "contrastive_candidates",
+    "distillation_start",
     "contrastive_label",
     "hard_negatives",
     "similarity_kl",
@@ -208,6 +210,12 @@ class SeqPE(PositionalEncoding):
         distill_samples: ``n_t`` positions of the distillation window (32).
         sample_range: ``R``, the window of "distributional" candidates (256).
         warmup_steps: the regularizers' weights grow linearly over these steps.
+        shift_rate: probability that a training step's ids are shifted (methods.md 2.7.6; 0.1).
+        shift_starts: how many start offsets the shift draws from (320).
+        shift_seed: the seed of that fixed set of starts.
+
+    Training loops call :meth:`training_offset` (the shift) and :meth:`auxiliary_loss` (the
+    regularizers) once per step: :func:`poslab.train.train`, the LM lab and the ViT do.
     """
 
     paper = "SeqPE: Transformer with Sequential Position Encoding, Li (Huayang), 2025, arXiv 2506.13277"
@@ -237,6 +245,9 @@ class SeqPE(PositionalEncoding):
         distill_samples: int = 32,
         sample_range: int = 256,
         warmup_steps: int = 0,
+        shift_rate: float = 0.1,
+        shift_starts: int = 320,
+        shift_seed: int = 0,
     ) -> None:
         super().__init__()
         if apply not in APPLY_MODES:
@@ -246,11 +257,14 @@ class SeqPE(PositionalEncoding):
         for field, value, low in (("encoder_layers", encoder_layers, 0), ("max_position", max_position, 2),
                                   ("dims", dims, 1), ("base", base, 2), ("candidates", candidates, 2),
                                   ("pivots", pivots, 1), ("distill_samples", distill_samples, 2),
-                                  ("sample_range", sample_range, 2), ("warmup_steps", warmup_steps, 0)):  # fmt: skip
+                                  ("sample_range", sample_range, 2), ("warmup_steps", warmup_steps, 0),
+                                  ("shift_starts", shift_starts, 1), ("shift_seed", shift_seed, 0)):  # fmt: skip
             check_int("seqpe", field, value, low)
         for field, value in (("contrastive_weight", contrastive_weight), ("distill_weight", distill_weight)):
             if not value >= 0:
                 raise ValueError(f"seqpe: {field} must be >= 0, got {value!r}")
+        if not 0 <= shift_rate <= 1:
+            raise ValueError(f"seqpe: shift_rate must lie in [0, 1], got {shift_rate!r}")
         d_pe = d_model if d_pe is None else d_pe
         check_int("seqpe", "d_pe", d_pe, 1)
         if (apply == "input_add" or qk_sharing == "none") and d_pe != d_model:
@@ -270,7 +284,9 @@ class SeqPE(PositionalEncoding):
             distill_samples,
             sample_range,
         )
-        self.position_dims = dims
+        self.position_dims, self.base = dims, base
+        self.shift_rate, self.shift_starts, self.shift_seed = float(shift_rate), shift_starts, shift_seed
+        self._shift_starts: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         self.sites = frozenset(
             {Site.INPUT if apply == "input_add" else Site.LOGITS if apply == "attn_scalar" else Site.QK}
         )
@@ -313,50 +329,125 @@ class SeqPE(PositionalEncoding):
         biases = [AttentionBias(dense=scale * (q @ k.transpose(-1, -2)).float()) for (q, _), (_, k) in zip(pq, pk)]
         return biases if len(biases) > 1 else biases[0]
 
-    # --- the regularizers -------------------------------------------------------------
+    # --- the regularizers and the main-task shift ---------------------------------------
     def _heads_split(self, x: Tensor) -> Tensor:
         return x.view(*x.shape[:-1], self.num_heads, -1) if x.shape[-1] % self.num_heads == 0 else x[..., None, :]
 
     def contrastive_loss(self, pivots: Tensor, candidates: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy over candidates with logits ``<pe(pivot), pe(c)>``, one per head chunk."""
+        """Cross-entropy over candidates with logits ``<pe(pivot), pe(c)>``, one per head chunk.
+
+        ``pivots`` ``(P,)`` / ``(P, dims)``, ``candidates`` ``(P, K)`` / ``(P, K, dims)``."""
         emb = self.encoder(torch.cat((pivots[:, None], candidates), dim=1))  # (P, 1 + K, d)
         chunks = self._heads_split(emb)  # (P, 1 + K, H, d/H)
         logits = torch.einsum("phd,pkhd->phk", chunks[:, 0], chunks[:, 1:])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat_interleave(logits.shape[1]))
 
-    def distillation_loss(self, window: int, start: int, samples: Tensor) -> Tensor:
+    def distillation_loss(self, start, samples: Tensor) -> Tensor:
         """Symmetric KL between the in-range window's similarity distribution (teacher,
-        detached) and the window shifted by ``start`` (student); element-mean reduction."""
+        detached) and the window shifted by ``start`` (an int, or one offset per axis) as
+        the student; element-mean reduction. ``samples``: ``(n,)`` / ``(n, dims)``."""
+        shift = torch.as_tensor(start, device=samples.device)
         teacher = self._heads_split(self.encoder(samples)).detach().transpose(0, 1)  # (H, n, d)
-        student = self._heads_split(self.encoder(samples + start)).transpose(0, 1)
+        student = self._heads_split(self.encoder(samples + shift)).transpose(0, 1)
         log_t = torch.log_softmax(teacher @ teacher.transpose(-1, -2), dim=-1)
         log_s = torch.log_softmax(student @ student.transpose(-1, -2), dim=-1)
         return similarity_kl(log_t, log_s)
 
-    def auxiliary_loss(self, step: int, train_length: int, generator: torch.Generator) -> Tensor | None:
-        """``w_ct L_ct + w_tr L_tr`` for one training step (1-D positions), or None when both weights are 0."""
-        if self.dims != 1 or (self.contrastive_weight == 0 and self.distill_weight == 0):
+    def _span(self, span) -> tuple[int, ...]:
+        extent = tuple(span) if isinstance(span, (tuple, list)) else (int(span),) * self.dims
+        if len(extent) != self.dims:
+            raise ValueError(f"seqpe: span {span!r} does not have dims={self.dims} axes")
+        return extent
+
+    def training_offset(self, span, generator: torch.Generator) -> tuple[int, ...] | None:
+        """The main-task random shift (methods.md 2.7.6): with probability ``shift_rate``, an
+        offset per axis for this step's ids, drawn from a fixed random set of ``shift_starts``
+        starts in ``[0, P_max - span]`` (the set is fixed by ``shift_seed``); else None.
+
+        ``span``: the training ids' extent, the sequence length (1-D) or the grid (2-D)."""
+        if not self.shift_rate:
             return None
+        draw = torch.rand((), generator=generator).item()
+        if draw >= self.shift_rate:
+            return None
+        extent = self._span(span)
+        starts = self._shift_starts.get(extent)
+        if starts is None:
+            rng = random.Random(self.shift_seed)
+            ranges = [range(self.max_position - e + 1) for e in extent]
+            total = math.prod(len(r) for r in ranges)
+            picks = rng.sample(range(total), min(self.shift_starts, total)) if total > 0 else []
+            starts = [_unravel(i, [len(r) for r in ranges]) for i in picks]
+            self._shift_starts[extent] = starts
+        if not starts:
+            return None
+        return starts[int(torch.randint(0, len(starts), (1,), generator=generator))]
+
+    def auxiliary_loss(self, step: int, span, generator: torch.Generator, shifted: bool = False) -> Tensor | None:
+        """``w_ct L_ct + w_tr L_tr`` for one training step, or None when both weights are 0.
+
+        ``span``: the main task's extent, its sequence length (1-D) or its patch grid (an int
+        for a square grid, or one extent per axis). The distillation term is left out on
+        steps whose main batch was shifted (``shifted``), as in the paper."""
+        if self.contrastive_weight == 0 and self.distill_weight == 0:
+            return None
+        extent = self._span(span)
         ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         device = self.encoder.cls.device
         total = torch.zeros((), device=device)
         if self.contrastive_weight:
-            pivots = [rng.randrange(self.max_position) for _ in range(self.pivots)]
+            pivots = [_random_position(rng, self.max_position, self.dims) for _ in range(self.pivots)]
             cands = [
-                contrastive_candidates(p, self.max_position, self.candidates, rng, self.sample_range) for p in pivots
-            ]
+                contrastive_candidates(p, self.max_position, self.candidates, rng, self.sample_range, dims=self.dims,
+                                       base=self.base)
+                for p in pivots
+            ]  # fmt: skip
             labels = torch.tensor([contrastive_label(p, c) for p, c in zip(pivots, cands)], device=device)
             total = total + self.contrastive_weight * self.contrastive_loss(
                 torch.tensor(pivots, device=device), torch.tensor(cands, device=device), labels
             )
-        if self.distill_weight and self.max_position > 2 * train_length:
-            window = train_length
-            start = rng.randrange(window, self.max_position - window)
-            n = min(self.distill_samples, window)
-            samples = torch.tensor(rng.sample(range(window), n), device=device)
-            total = total + self.distill_weight * self.distillation_loss(window, start, samples)
+        if self.distill_weight and not shifted:
+            start = distillation_start(extent, self.max_position, rng)
+            if start is not None:
+                window = [_unravel(i, list(extent)) for i in range(math.prod(extent))]
+                samples = rng.sample(window, min(self.distill_samples, len(window)))
+                if self.dims == 1:
+                    samples, start = [s[0] for s in samples], start[0]
+                samples_t = torch.tensor(samples, device=device)
+                total = total + self.distill_weight * self.distillation_loss(start, samples_t)
         return ramp * total
+
+
+def _unravel(index: int, sizes: list[int]) -> tuple[int, ...]:
+    """Row-major multi-index of ``index`` in a grid of ``sizes``."""
+    out = []
+    for size in reversed(sizes):
+        out.append(index % size)
+        index //= size
+    return tuple(reversed(out))
+
+
+def _random_position(rng: random.Random, max_position: int, dims: int):
+    if dims == 1:
+        return rng.randrange(max_position)
+    return tuple(rng.randrange(max_position) for _ in range(dims))
+
+
+def distillation_start(extent: tuple[int, ...], max_position: int, rng: random.Random) -> tuple[int, ...] | None:
+    """A student offset for the distillation window (methods.md 2.7.5): 1-D ``s`` uniform in
+    ``[k, P_max - k)``; n-D offsets in ``[0, P_max - k_a)`` per axis with at least one
+    ``>= k_a`` (the shifted window leaves the training grid). None when there is no room."""
+    if len(extent) == 1:
+        k = extent[0]
+        return (rng.randrange(k, max_position - k),) if max_position - k > k else None
+    ranges = [max_position - k for k in extent]
+    if any(r <= 0 for r in ranges) or all(r <= k for r, k in zip(ranges, extent)):
+        return None
+    while True:  # rejection: the accepted fraction is at least 1 - prod(k / r) > 0
+        start = tuple(rng.randrange(r) for r in ranges)
+        if any(s >= k for s, k in zip(start, extent)):
+            return start
 
 
 def similarity_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -368,11 +459,18 @@ def similarity_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return forward + backward
 
 
-def hard_negatives(pivot: int, count: int, max_position: int, rng: random.Random, base: int = 10) -> list[int]:
+def hard_negatives(pivot, count: int, max_position: int, rng: random.Random, base: int = 10) -> list:
     """Up to ``count`` positions made from the pivot's digits by 1-3 random edits (insert,
-    delete, swap two digits, replace one); in range, no leading zero, not the pivot."""
-    text = _to_base(pivot, base)
-    out: list[int] = []
+    delete, swap two digits, replace one); in range, no leading zero, not the pivot.
+
+    An n-D pivot (a tuple) is edited as the concatenation of its coordinates' digit
+    strings, which is then cut back into ``n`` coordinates at random points (as the paper's
+    image code does; each coordinate at most ``M`` digits and in range)."""
+    dims = len(pivot) if isinstance(pivot, (tuple, list)) else 1
+    coords = tuple(pivot) if dims > 1 else (pivot,)
+    text = "".join(_to_base(c, base) for c in coords)
+    m = digit_count(max_position, base)
+    out: list = []
     for _ in range(20 * count):
         if len(out) >= count:
             break
@@ -390,8 +488,18 @@ def hard_negatives(pivot: int, count: int, max_position: int, rng: random.Random
                 digits[rng.randrange(len(digits))] = str(rng.randrange(base))
         if len(digits) > 1 and digits[0] == "0":
             continue
-        value = int("".join(digits), base)
-        if value != pivot and 0 <= value < max_position and value not in out:
+        if dims == 1:
+            value = int("".join(digits), base)
+        else:
+            while len(digits) < dims:  # too short to cut: pad with a zero at either end
+                digits.insert(0 if rng.random() < 0.5 else len(digits), "0")
+            cuts = sorted(rng.sample(range(1, len(digits)), dims - 1))
+            parts = ["".join(digits[a:b]) for a, b in zip([0, *cuts], [*cuts, len(digits)])]
+            if any(len(p) > m for p in parts):
+                continue
+            value = tuple(int(p, base) for p in parts)
+        in_range = all(0 <= v < max_position for v in (value if dims > 1 else (value,)))
+        if value != (coords if dims > 1 else pivot) and in_range and value not in out:
             out.append(value)
     return out
 
@@ -406,41 +514,88 @@ def _to_base(value: int, base: int) -> str:
     return "".join(reversed(digits))
 
 
-def contrastive_candidates(
-    pivot: int, max_position: int, k: int, rng: random.Random, sample_range: int = 256
-) -> list[int]:
-    """``K`` candidates for a pivot (methods.md 2.7.4): ``K + 1`` random positions, and with
-    probability 0.3 hard negatives (never nearer than the nearest random one), or with 0.2
-    ``K`` positions from a contiguous window; de-duplicated, the pivot excluded."""
-    simple = [rng.randrange(max_position) for _ in range(k + 1)]
-    u = rng.random()
-    special: list[int] = []
-    if 0.5 <= u < 0.8:
+def _distance(a, b) -> int:
+    if isinstance(a, (tuple, list)):
+        return sum((x - y) ** 2 for x, y in zip(a, b))
+    return (a - b) ** 2
+
+
+CANDIDATE_MODES = ("simple", "hard", "window")
+
+
+def candidate_pools(
+    pivot,
+    max_position: int,
+    k: int,
+    rng: random.Random,
+    sample_range: int = 256,
+    *,
+    dims: int = 1,
+    base: int = 10,
+    mode: str | None = None,
+) -> tuple[str, list, list]:
+    """The two pools :func:`contrastive_candidates` merges: ``(mode, special, simple)``.
+
+    ``simple``: ``K + 1`` uniformly random positions. ``mode`` (drawn when None: ``simple``
+    with probability 0.5, ``hard`` 0.3, ``window`` 0.2) picks ``special``: nothing; hard
+    negatives (:func:`hard_negatives`, ``floor(0.2 K)`` of them, each kept only when farther
+    from the pivot than the nearest of the first ``K + 1 - n_hard`` simple ones, so never the
+    label); or ``K`` positions from a contiguous window of side ``max(R, 5K)`` (n-D: a cube of
+    side ``max(R^(1/n), (5K)^(1/n))``) at a random corner."""
+    if dims > 1:
+        pivot = tuple(pivot)
+    simple = [_random_position(rng, max_position, dims) for _ in range(k + 1)]
+    if mode is None:
+        u = rng.random()
+        mode = "simple" if u < 0.5 else "hard" if u < 0.8 else "window"
+    elif mode not in CANDIDATE_MODES:
+        raise ValueError(f"seqpe: candidate mode={mode!r} is not one of {', '.join(map(repr, CANDIDATE_MODES))}")
+    special: list = []
+    if mode == "hard":
         n_hard = int(0.2 * k)
-        nearest = min((p - pivot) ** 2 for p in simple[: k + 1 - n_hard])
-        special = [h for h in hard_negatives(pivot, n_hard, max_position, rng) if (h - pivot) ** 2 > nearest]
-    elif u >= 0.8:
-        size = min(max(sample_range, 5 * k), max_position)
-        start = rng.randrange(0, max_position - size + 1)
-        special = rng.sample(range(start, start + size), min(k, size))
-    out: list[int] = []
+        nearest = min(_distance(p, pivot) for p in simple[: k + 1 - n_hard])
+        special = [h for h in hard_negatives(pivot, n_hard, max_position, rng, base) if _distance(h, pivot) > nearest]
+    elif mode == "window":
+        side = min(max(_iroot(sample_range, dims), _iroot(5 * k, dims)), max_position)
+        corner = [rng.randrange(0, max_position - side + 1) for _ in range(dims)]
+        window = [tuple(c + o for c, o in zip(corner, _unravel(i, [side] * dims))) for i in range(side**dims)]
+        special = rng.sample(window, min(k, len(window)))
+        if dims == 1:
+            special = [s[0] for s in special]
+    return mode, special, simple
+
+
+def contrastive_candidates(
+    pivot, max_position: int, k: int, rng: random.Random, sample_range: int = 256, *, dims: int = 1, base: int = 10
+) -> list:
+    """``K`` candidates for a pivot (methods.md 2.7.4): the special pool then the simple one
+    (:func:`candidate_pools`), de-duplicated, the pivot excluded. n-D positions are tuples."""
+    if dims > 1:
+        pivot = tuple(pivot)
+    _, special, simple = candidate_pools(pivot, max_position, k, rng, sample_range, dims=dims, base=base)
+    out: list = []
     for c in special + simple:
         if c != pivot and c not in out:
             out.append(c)
+    total = max_position**dims
     while len(out) < k:  # tiny ranges: fill with any other position
-        c = rng.randrange(max_position)
-        if c != pivot and (c not in out or max_position - 1 <= len(out)):
+        c = _random_position(rng, max_position, dims)
+        if c != pivot and (c not in out or total - 1 <= len(out)):
             out.append(c)
     return out[:k]
+
+
+def _iroot(value: int, n: int) -> int:
+    """The integer ``n``-th root of ``value`` (floor)."""
+    root = int(round(value ** (1 / n)))
+    while root**n > value:
+        root -= 1
+    while (root + 1) ** n <= value:
+        root += 1
+    return root
 
 
 def contrastive_label(pivot, candidates) -> int:
     """Index of the candidate nearest the pivot (squared distance, summed over axes; first on ties)."""
 
-    def dist(c) -> float:
-        if isinstance(c, (tuple, list)):
-            return sum((a - b) ** 2 for a, b in zip(c, pivot))
-        return (c - pivot) ** 2
-
-    best = min(range(len(candidates)), key=lambda i: (dist(candidates[i]), i))
-    return best
+    return min(range(len(candidates)), key=lambda i: (_distance(candidates[i], pivot), i))

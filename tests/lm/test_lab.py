@@ -118,3 +118,34 @@ def test_longrope_search_on_the_model_and_evaluation_with_its_factors(pretrained
     assert perplexity(model, corpus.val, 128, span=found["span"])["perplexity"] == pytest.approx(
         found["fitness"], rel=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "pe,params", [("learned", {}), ("seqpe", {"apply": "attn_scalar", "pivots": 4, "candidates": 8})]
+)
+def test_other_encodings_pretrain_save_their_parameters_and_reload_exactly(corpus, tmp_path, pe, params):
+    cfg = LMConfig(**{**TINY, "steps": 6}, pe=pe, pe_params=params, max_position=96)
+    record = pretrain(cfg, tmp_path / pe, corpus=corpus, progress=False)
+    assert record["config"]["pe"] == pe and math.isfinite(record["train"]["final_loss"])
+    model, _ = load_model(tmp_path / pe, "none", 96)
+    again, _ = load_model(tmp_path / pe, "none", 96)
+    fresh = LMConfig(**{**TINY, "steps": 6, "seed": 1}, pe=pe, pe_params=params, max_position=96)
+    untrained, _ = load_model(pretrain(fresh, tmp_path / "other", corpus=corpus, progress=False) and tmp_path / "other")
+    x = corpus.test[:96][None]
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+        assert not torch.allclose(model(x), untrained(x))
+    for name, _ in model.pe.named_parameters():  # the encoding's own weights were saved, not re-initialized
+        assert torch.equal(model.pe.get_parameter(name), again.pe.get_parameter(name))
+    with pytest.raises(ValueError, match="context-extension method 'pi' needs a RoPE model"):
+        load_model(tmp_path / pe, "pi", 64)
+    with pytest.raises(ValueError, match="target_length=200 is past the 96 positions"):
+        load_model(tmp_path / pe, "none", 200)
+
+
+def test_encoding_fields_are_checked():
+    with pytest.raises(ValueError, match="unknown encoding 'nonesuch'"):
+        LMConfig(pe="nonesuch")
+    with pytest.raises(ValueError, match="a RoPE model takes only rope_base"):
+        LMConfig(pe="rope", pe_params={"base": 500})
+    assert LMConfig(train_length=64).positions == 512

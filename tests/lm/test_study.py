@@ -75,6 +75,37 @@ def test_bad_study_files_fail_before_any_work(tmp_path, capsys, change, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_study_compares_other_encodings_pretrained_alike(tmp_path):
+    text = TINY.format(out=tmp_path / "out").replace('methods = ["none", "pi"]', 'methods = ["none"]')
+    text = text.replace("seeds = [0, 1]", "seeds = [0]").replace("passkey_lengths = [260]", "passkey_lengths = []")
+    text = (
+        text.split("[[finetune]]")[0].replace("steps = 4", "steps = 4\nmax_position = 300")
+        + """
+[[encodings]]
+label = "learned"
+pe = "learned"
+[[encodings]]
+label = "seqpe (logits)"
+pe = "seqpe"
+pe_params = { apply = "attn_scalar", pivots = 4, candidates = 8 }
+"""
+    )
+    study = load_study(_write(tmp_path, text))
+    results = run_study(study, progress=False)
+    labels = {(r["seed"], r["label"]) for r in results["rows"]}
+    assert labels == {(0, label) for label in ("rope", "learned", "seqpe (logits)")}
+    assert (tmp_path / "out" / "seed0" / "pretrained_seqpe__logits_" / "model.safetensors").exists()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| seqpe (logits) |" in report and "| rope |" in report
+    for bad, message in (
+        (('label = "learned"', 'label = "none"'), "label 'none' is used twice"),
+        (('pe = "learned"', 'pe = "nope2"'), "unknown encoding 'nope2'"),
+        (("max_position = 300", "max_position = 20"), "'learned' represents 20 positions but the study measures 32"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_study(_write(tmp_path, text.replace(*bad)))
+
+
 def _lm_examples():
     from pathlib import Path
 
@@ -89,4 +120,4 @@ def test_there_is_a_language_modelling_example():
 @pytest.mark.parametrize("path", _lm_examples())
 def test_every_language_modelling_example_is_a_valid_study(path):
     study = load_study(path)
-    assert study.seeds and study.finetune
+    assert study.seeds and (study.finetune or study.encodings)

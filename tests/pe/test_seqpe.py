@@ -8,9 +8,11 @@ from poslab import Transformer
 from poslab.pe import build
 from poslab.pe.seqpe import (
     SeqPEEncoder,
+    candidate_pools,
     contrastive_candidates,
     contrastive_label,
     digits_to_positions,
+    distillation_start,
     hard_negatives,
     position_digits,
     similarity_kl,
@@ -59,21 +61,67 @@ def test_candidates_and_hard_negatives_follow_their_definitions():
         hard = hard_negatives(pivot, 6, 5000, rng)
         assert all(h != pivot and 0 <= h < 5000 and (h == 0 or str(h)[0] != "0") for h in hard)
     # a hard negative is never the label: it is kept only when farther than the nearest random one
-    hits = 0
-    for seed in range(400):
+    for seed in range(200):
         rng = random.Random(seed)
-        pivot = 1234
-        cands = contrastive_candidates(pivot, 5000, 32, rng)
-        nearest = cands[contrastive_label(pivot, cands)]
-        hits += abs(nearest - pivot) in {abs(h - pivot) for h in hard_negatives(pivot, 6, 5000, random.Random(seed))}
-    assert hits < 400
+        for pivot, dims, top in ((rng.randrange(5000), 1, 5000), ((rng.randrange(40), rng.randrange(40)), 2, 40)):
+            _, hard, simple = candidate_pools(pivot, top, 32, rng, dims=dims, mode="hard")
+            nearest = min(_sq(c, pivot) for c in simple[: 33 - 6])
+            assert len(hard) <= 6 and all(_sq(h, pivot) > nearest for h in hard)
+            merged = contrastive_candidates(pivot, top, 32, random.Random(seed), dims=dims)
+            assert len(merged) == 32 == len(set(merged)) and pivot not in merged
+
+
+def _sq(a, b) -> int:
+    return sum((x - y) ** 2 for x, y in zip(a, b)) if isinstance(a, tuple) else (a - b) ** 2
+
+
+def test_two_d_candidates_hard_negatives_and_windows():
+    rng = random.Random(1)
+    for _ in range(200):
+        pivot = (rng.randrange(100), rng.randrange(100))
+        cands = contrastive_candidates(pivot, 100, 16, rng, sample_range=49, dims=2)
+        assert len(cands) == 16 == len(set(cands)) and pivot not in cands
+        assert all(isinstance(c, tuple) and len(c) == 2 and all(0 <= v < 100 for v in c) for c in cands)
+        hard = hard_negatives(pivot, 5, 100, rng)
+        assert all(h != pivot and all(0 <= v < 100 for v in h) for h in hard) and len(set(hard)) == len(hard)
+    # edits act on the concatenated digits: the digit multiset changes by at most 3 edits
+    # (an insert, delete or replace moves at most two digits; a swap none), plus the zeros a cut may drop
+    for pivot in [(12, 34), (7, 80), (99, 0)]:
+        for h in hard_negatives(pivot, 20, 100, random.Random(2)):
+            before, after = "".join(map(str, pivot)), "".join(map(str, h))
+            diff = sum(abs(before.count(x) - after.count(x)) for x in "123456789")
+            assert diff <= 6, (pivot, h)
+    # the window pool is a square of side max(sqrt(R), sqrt(5K)) = 9 for R = 49, K = 16
+    for seed in range(50):
+        _, window, _ = candidate_pools((3, 3), 100, 16, random.Random(seed), sample_range=49, dims=2, mode="window")
+        rows, cols = [w[0] for w in window], [w[1] for w in window]
+        assert len(window) == 16 and max(rows) - min(rows) <= 8 and max(cols) - min(cols) <= 8
+    _, one_d, _ = candidate_pools(500, 5000, 32, random.Random(0), sample_range=256, mode="window")
+    assert max(one_d) - min(one_d) < 256
+    with pytest.raises(ValueError, match="candidate mode='near' is not one of"):
+        candidate_pools(3, 100, 8, random.Random(0), mode="near")
+
+
+def test_distillation_windows_leave_the_training_range():
+    rng = random.Random(0)
+    for _ in range(300):
+        (s,) = distillation_start((20,), 100, rng)
+        assert 20 <= s < 80
+        a, b = distillation_start((4, 4), 16, rng)
+        assert 0 <= a < 12 and 0 <= b < 12 and (a >= 4 or b >= 4)
+    assert distillation_start((20,), 40, rng) is None  # no room past the window
+    assert distillation_start((4, 4), 8, rng) is None
 
 
 def test_distillation_loss_is_zero_for_identical_windows_and_symmetric():
     enc = build("seqpe", d_model=16, num_heads=2, max_position=500)
     samples = torch.arange(0, 32)
-    assert enc.distillation_loss(32, 0, samples).item() == pytest.approx(0.0, abs=1e-7)
-    assert enc.distillation_loss(32, 300, samples).item() > 0
+    assert enc.distillation_loss(0, samples).item() == pytest.approx(0.0, abs=1e-7)
+    assert enc.distillation_loss(300, samples).item() > 0
+    grid = build("seqpe", d_model=16, num_heads=2, max_position=20, dims=2)
+    cells = torch.tensor([(r, c) for r in range(4) for c in range(4)])
+    assert grid.distillation_loss((0, 0), cells).item() == pytest.approx(0.0, abs=1e-7)
+    assert grid.distillation_loss((9, 2), cells).item() > 0
     p, q = torch.log_softmax(torch.randn(4, 5), -1), torch.log_softmax(torch.randn(4, 5), -1)
     assert similarity_kl(p, q).item() == pytest.approx(similarity_kl(q, p).item(), rel=1e-6)
 
@@ -102,6 +150,58 @@ def test_gradients_reach_every_part(apply):
     loss.backward()
     for name, p in model.pe.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_two_d_regularizers_reach_every_part_and_skip_distillation_on_shifted_steps():
+    torch.manual_seed(0)
+    enc = build("seqpe", d_model=16, num_heads=2, apply="attn_scalar", max_position=16, dims=2, pivots=4,
+                candidates=8, sample_range=16)  # fmt: skip
+    loss = enc.auxiliary_loss(0, (4, 4), torch.Generator().manual_seed(0))
+    loss.backward()
+    for name, p in enc.encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    only_distill = build("seqpe", d_model=16, num_heads=2, max_position=16, dims=2, contrastive_weight=0.0)
+    assert only_distill.auxiliary_loss(0, 4, torch.Generator().manual_seed(0)).item() > 0
+    assert only_distill.auxiliary_loss(0, 4, torch.Generator().manual_seed(0), shifted=True).item() == 0
+    with pytest.raises(ValueError, match=r"span \(4, 4, 4\) does not have dims=2"):
+        only_distill.auxiliary_loss(0, (4, 4, 4), torch.Generator())
+
+
+def test_random_shift_draws_from_a_fixed_set_of_starts_at_its_rate():
+    enc = build("seqpe", d_model=16, num_heads=2, max_position=100, shift_rate=0.25, shift_starts=7)
+    gen = torch.Generator().manual_seed(0)
+    draws = [enc.training_offset(30, gen) for _ in range(2000)]
+    hits = [d for d in draws if d is not None]
+    assert 0.2 < len(hits) / len(draws) < 0.3
+    assert len(set(hits)) == 7 and all(0 <= s <= 70 for (s,) in hits)
+    grid = build("seqpe", d_model=16, num_heads=2, max_position=10, dims=2, shift_rate=1.0)
+    offsets = {grid.training_offset((4, 4), gen) for _ in range(500)}
+    assert len(offsets) == 49 and all(0 <= a <= 6 and 0 <= b <= 6 for a, b in offsets)  # all 7 x 7 starts
+    assert build("seqpe", d_model=16, num_heads=2, shift_rate=0.0).training_offset(10, gen) is None
+    with pytest.raises(ValueError, match=r"shift_rate must lie in \[0, 1\], got 1.5"):
+        build("seqpe", d_model=16, num_heads=2, shift_rate=1.5)
+
+
+def test_training_shifts_the_ids_the_encoder_sees():
+    from poslab.config import RunConfig
+    from poslab.train import train
+
+    seen = []
+    cfg = RunConfig(task="copy", pe="seqpe", train_length="1:6", test_length="1:8", steps=6, d_model=16,
+                    num_layers=1, num_heads=2, pe_params={"max_position": 300, "shift_rate": 1.0,
+                                                          "contrastive_weight": 0.0, "distill_weight": 0.0})  # fmt: skip
+    original = SeqPEEncoder.forward
+
+    def spy(self, positions):
+        seen.append(int(positions.min()))
+        return original(self, positions)
+
+    SeqPEEncoder.forward = spy
+    try:
+        train(cfg, progress=False)
+    finally:
+        SeqPEEncoder.forward = original
+    assert len(seen) == 6 and all(s > 0 for s in seen) and len(set(seen)) > 1  # every batch shifted past 0
 
 
 def test_cached_decoding_and_bad_parameters():
