@@ -270,6 +270,10 @@ class CoPE(PositionalEncoding):
         per_head: one ``e`` per head (x-transformers shares one across heads; UNVERIFIED).
         per_layer: one ``e`` per layer, as each attention layer of the paper has its own.
         init_std: ``0`` (default) starts at zero; otherwise ``N(0, init_std^2)``.
+        implementation: ``"blocked"`` (default: query blocks that skip the future keys, and
+            a hand-written backward that recomputes each block, as flash attention does) or
+            ``"autograd"`` (the formula in full ``T x T`` tensors, differentiated by autograd;
+            the reference the blocked path is tested against).
     """
 
     paper = "Contextual Position Encoding: Learning to Count What's Important, Golovneva, 2024, arXiv 2405.18719"
@@ -290,10 +294,14 @@ class CoPE(PositionalEncoding):
         per_head: bool = False,
         per_layer: bool = True,
         init_std: float = 0.0,
+        implementation: str = "blocked",
     ) -> None:
         super().__init__()
         if not causal:
             raise ValueError(f"{self.name} is defined for causal attention only (causal=False was given)")
+        if implementation not in ("blocked", "autograd"):
+            raise ValueError(f"{self.name}: implementation must be 'blocked' or 'autograd', got {implementation!r}")
+        self.implementation = implementation
         check_int(self.name, "max_pos", max_pos, 2)
         if init_std < 0:
             raise ValueError(f"{self.name}: init_std must be >= 0, got {init_std}")
@@ -326,6 +334,11 @@ class CoPE(PositionalEncoding):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         work = _work_dtype(q)
+        emb = self.pos_emb[ctx.layer if self.layer_sets > 1 else 0].to(work)
+        if self.implementation == "blocked":
+            out = _CoPEAttention.apply(q.to(work), k.to(work), v.to(work), emb, 1.0 / math.sqrt(q.shape[-1]),
+                                       self.max_pos)  # fmt: skip
+            return out.to(q.dtype)
         qw = q.to(work)
         logits = torch.matmul(qw, k.to(work).transpose(-1, -2)) / math.sqrt(q.shape[-1])
         tq, tk = logits.shape[-2:]
@@ -337,6 +350,91 @@ class CoPE(PositionalEncoding):
 
     def extra_repr(self) -> str:
         return f"max_pos={self.max_pos}, layer_sets={self.layer_sets}"
+
+
+_COPE_BLOCK_ELEMENTS = 1 << 22  # numbers in one block's (B, H, rows, keys) score tensor
+
+
+def _cope_block(q, k, emb, scale: float, max_pos: int, first: int):
+    """One query block of CoPE: queries ``q`` ``(B, H, n, D)`` whose first one sees keys up to
+    index ``first`` of ``k`` ``(B, H, first + n, D)``. Returns the masked logits ``S``, the
+    gates, the unclamped positions, the floor index, the weight ``w`` and ``step = z[lo + 1] -
+    z[lo]`` at each entry (0 at the last slot)."""
+    n, m = q.shape[-2], k.shape[-2]
+    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B, H, n, m)
+    logits[..., m - n :].masked_fill_(~causal_mask(n, n, q.device), float("-inf"))  # only the last n keys are future
+    gates = torch.sigmoid(logits)
+    raw = gates.sum(-1, keepdim=True) - gates.cumsum(-1) + gates  # sum_{t = j..i} g_it
+    pos = raw.clamp(0, max_pos - 1)
+    lo = pos.floor()
+    w = pos.sub_(lo)
+    index = lo.long()
+    z = torch.matmul(q, emb.transpose(-1, -2))  # (B, H, n, P)
+    step = torch.diff(z, dim=-1, append=z[..., -1:])
+    step_at = step.gather(-1, index)
+    scores = logits.add_(z.gather(-1, index)).addcmul_(w, step_at)  # l + z[lo] + w (z[lo+1] - z[lo])
+    return scores, gates, raw, index, w, step_at
+
+
+class _CoPEAttention(torch.autograd.Function):
+    """CoPE attention in query blocks that stop at the causal boundary (half the score
+    entries of the full ``T x T`` form), with a backward that recomputes each block from
+    ``q, k, v`` and the saved log-sum-exp (no ``T x T`` tensor is kept between passes).
+
+    Backward of one block, with ``dS = A (dA - rowsum(dO O))`` the score gradient:
+    the bias ``z[lo] + w step`` sends ``dS (1 - w)`` to slot ``lo`` and ``dS w`` to slot
+    ``lo + 1`` of ``z = q e^T``; ``dp = dS step`` where the clamp is inactive; ``p_ij =
+    sum_{t >= j} g_it`` gives ``dg_it = sum_{j <= t} dp_ij`` (a forward cumulative sum);
+    the logits get ``dS + dg g (1 - g)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, emb, scale, max_pos):  # noqa: D102
+        b, h, tq, d = q.shape
+        tk = k.shape[-2]
+        offset = tk - tq
+        rows = max(1, min(tq, _COPE_BLOCK_ELEMENTS // max(1, b * h * tk)))
+        out = torch.empty_like(q)
+        lse = q.new_empty(b, h, tq)
+        for s in range(0, tq, rows):
+            e = min(s + rows, tq)
+            m = e + offset
+            scores = _cope_block(q[:, :, s:e], k[:, :, :m], emb, scale, max_pos, s + offset)[0]
+            lse[:, :, s:e] = torch.logsumexp(scores, -1)
+            probs = scores.sub_(lse[:, :, s:e, None]).exp_()
+            out[:, :, s:e] = torch.matmul(probs, v[:, :, :m])
+        ctx.save_for_backward(q, k, v, emb, out, lse)
+        ctx.scale, ctx.max_pos, ctx.rows = scale, max_pos, rows
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        q, k, v, emb, out, lse = ctx.saved_tensors
+        scale, max_pos, rows = ctx.scale, ctx.max_pos, ctx.rows
+        tq, tk = q.shape[-2], k.shape[-2]
+        offset = tk - tq
+        grad_out = grad_out.contiguous()
+        delta = (grad_out * out).sum(-1, keepdim=True)  # (B, H, Tq, 1)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        demb = torch.zeros(q.shape[1] if emb.shape[0] > 1 else 1, *emb.shape[1:], dtype=q.dtype, device=q.device)
+        for s in range(0, tq, rows):
+            e = min(s + rows, tq)
+            m = e + offset
+            qb, kb, vb, gb = q[:, :, s:e], k[:, :, :m], v[:, :, :m], grad_out[:, :, s:e]
+            scores, gates, raw, index, w, step_at = _cope_block(qb, kb, emb, scale, max_pos, s + offset)
+            probs = scores.sub_(lse[:, :, s:e, None]).exp_()
+            dv[:, :, :m] += torch.matmul(probs.transpose(-1, -2), gb)
+            ds = torch.matmul(gb, vb.transpose(-1, -2)).sub_(delta[:, :, s:e]).mul_(probs)  # (B, H, n, m)
+            dz = torch.zeros(*qb.shape[:-1], max_pos, dtype=q.dtype, device=q.device)
+            dz.scatter_add_(-1, index, ds - ds * w)
+            dz.scatter_add_(-1, index.add(1).clamp_(max=max_pos - 1), ds * w)
+            dp = (ds * step_at).masked_fill_((raw < 0) | (raw > max_pos - 1), 0.0)
+            dlogits = dp.cumsum_(-1).mul_(gates).mul_(1.0 - gates).add_(ds)
+            dq[:, :, s:e] = torch.matmul(dlogits, kb).mul_(scale) + torch.matmul(dz, emb)
+            dk[:, :, :m] += torch.matmul(dlogits.transpose(-1, -2), qb).mul_(scale)
+            demb += torch.matmul(dz.transpose(-1, -2), qb).sum(0).sum_to_size(demb.shape)
+        return dq, dk, dv, demb.to(emb.dtype), None, None
 
 
 # ----------------------------------------------------------------------------- PaTH
