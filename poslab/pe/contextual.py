@@ -25,6 +25,8 @@ __all__ = [
     "skew_relative_logits",
     "path_logits_reference",
     "path_logits_chunked",
+    "path_attention_chunked",
+    "unit_lower_inverse",
 ]
 
 
@@ -461,6 +463,57 @@ def path_logits_reference(q: Tensor, k: Tensor, w: Tensor, beta: Tensor) -> Tens
     return torch.stack(rows, -2)
 
 
+def unit_lower_inverse(a: Tensor) -> Tensor:
+    """Inverse of unit lower-triangular matrices ``(..., n, n)`` by recursive 2 x 2 blocking:
+    ``[[A, 0], [C, B]]^{-1} = [[A^{-1}, 0], [-B^{-1} C A^{-1}, B^{-1}]]``, both halves of a
+    level inverted in one batched call (what LAPACK's ``trtri`` does, as matrix products;
+    batched ``solve_triangular`` on CPU is two orders of magnitude slower at these sizes)."""
+    n = a.shape[-1]
+    if n == 1:
+        return torch.ones_like(a)
+    h = n // 2
+    if n == 2 * h:
+        both = unit_lower_inverse(torch.stack((a[..., :h, :h], a[..., h:, h:])))
+        top_inv, bottom_inv = both[0], both[1]
+    else:
+        top_inv, bottom_inv = unit_lower_inverse(a[..., :h, :h]), unit_lower_inverse(a[..., h:, h:])
+    corner = -(bottom_inv @ a[..., h:, :h] @ top_inv)
+    top = torch.cat((top_inv, a.new_zeros(*a.shape[:-2], h, n - h)), -1)
+    return torch.cat((top, torch.cat((corner, bottom_inv), -1)), -2)
+
+
+def _path_chunks(q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | None, chunk: int):
+    """The chunk loop of :func:`path_logits_chunked`: yields ``(s, e, inter, intra)`` per
+    chunk of new tokens ``s .. e-1`` (logits against the earlier keys, and inside the chunk
+    with ``-inf`` above the diagonal) and finally ``(None, None, keys, None)`` with all keys
+    carried past the last token."""
+    b, h, t, d = q.shape
+    if keys is None:
+        keys = q.new_zeros(b, h, 0, d)
+    # split, not sliced per chunk: the backward of a slice fills a full-size zero tensor
+    pieces = zip(q.split(chunk, 2), k.split(chunk, 2), w.split(chunk, 2), beta.split(chunk, 2))
+    for s, (qc, kc, wc, bc) in zip(range(0, t, chunk), pieces):
+        e = min(s + chunk, t)
+        c = e - s
+        lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [a <= i] as (i, a)
+        strictly_lower = lower.logical_and(~torch.eye(c, dtype=torch.bool, device=q.device))
+        gram = wc @ wc.transpose(-1, -2)  # (B, H, C, C)
+        eye = torch.eye(c, dtype=q.dtype, device=q.device)
+        a_mat = eye + bc[..., :, None] * gram.masked_fill(~strictly_lower, 0.0)
+        tmat = unit_lower_inverse(a_mat) * bc[..., None, :]  # A^{-1} diag(beta)
+        qw = (qc @ wc.transpose(-1, -2)).masked_fill(~lower, 0.0)  # (i, a): q_i.w_a, a <= i
+        wk = (wc @ kc.transpose(-1, -2)).masked_fill(~strictly_lower, 0.0)  # (b, j): w_b.k_j, b > j
+        qt = qw @ tmat  # (B, H, C, C)
+        intra = (qc @ kc.transpose(-1, -2) - qt @ wk).masked_fill(~lower, float("-inf"))
+        q_back = qc - qt @ wc  # queries mapped back to the chunk start
+        yield s, e, q_back @ keys.transpose(-1, -2), intra  # inter: (B, H, C, Tp + s)
+        # carry earlier keys through this chunk, then append the chunk's keys carried to its end
+        keys = keys - ((keys @ wc.transpose(-1, -2)) @ tmat.transpose(-1, -2)) @ wc
+        kc_end = kc - (wk.transpose(-1, -2) @ tmat.transpose(-1, -2)) @ wc
+        keys = torch.cat((keys, kc_end), -2)
+    yield None, None, keys, None
+
+
 def path_logits_chunked(
     q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | None = None, chunk: int = 64
 ) -> tuple[Tensor, Tensor]:
@@ -486,35 +539,51 @@ def path_logits_chunked(
         ``(logits, keys)``: ``(B, H, Tq, Tp + Tq)`` unscaled logits (``-inf`` in the future)
         and all ``Tp + Tq`` keys carried forward past the last new token.
     """
-    b, h, t, d = q.shape
-    if keys is None:
-        keys = q.new_zeros(b, h, 0, d)
-    past = keys.shape[-2]
-    total = past + t
+    b, h, t, _ = q.shape
+    total = t + (0 if keys is None else keys.shape[-2])
     blocks = []
-    for s in range(0, t, chunk):
-        e = min(s + chunk, t)
-        c = e - s
-        qc, kc, wc, bc = q[:, :, s:e], k[:, :, s:e], w[:, :, s:e], beta[:, :, s:e]
-        lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [a <= i] as (i, a)
-        strictly_lower = lower.logical_and(~torch.eye(c, dtype=torch.bool, device=q.device))
-        gram = wc @ wc.transpose(-1, -2)  # (B, H, C, C)
-        eye = torch.eye(c, dtype=q.dtype, device=q.device)
-        a_mat = eye + bc[..., :, None] * gram.masked_fill(~strictly_lower, 0.0)
-        tmat = torch.linalg.solve_triangular(a_mat, torch.diag_embed(bc), upper=False, unitriangular=True)
-        qw = (qc @ wc.transpose(-1, -2)).masked_fill(~lower, 0.0)  # (i, a): q_i.w_a, a <= i
-        wk = (wc @ kc.transpose(-1, -2)).masked_fill(~strictly_lower, 0.0)  # (b, j): w_b.k_j, b > j
-        qt = qw @ tmat  # (B, H, C, C)
-        intra = (qc @ kc.transpose(-1, -2) - qt @ wk).masked_fill(~lower, float("-inf"))
-        q_back = qc - qt @ wc  # queries mapped back to the chunk start
-        inter = q_back @ keys.transpose(-1, -2)  # (B, H, C, Tp + s)
-        future = q.new_full((b, h, c, total - past - e), float("-inf"))
+    for s, e, inter, intra in _path_chunks(q, k, w, beta, keys, chunk):
+        if s is None:
+            return torch.cat(blocks, -2), inter
+        future = q.new_full((b, h, e - s, total - inter.shape[-1] - (e - s)), float("-inf"))
         blocks.append(torch.cat((inter, intra, future), -1))
-        # carry earlier keys through this chunk, then append the chunk's keys carried to its end
-        keys = keys - ((keys @ wc.transpose(-1, -2)) @ tmat.transpose(-1, -2)) @ wc
-        kc_end = kc - (wk.transpose(-1, -2) @ tmat.transpose(-1, -2)) @ wc
-        keys = torch.cat((keys, kc_end), -2)
-    return torch.cat(blocks, -2), keys
+    raise AssertionError("unreachable")
+
+
+def path_attention_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    beta: Tensor,
+    scale: float,
+    keys: Tensor | None = None,
+    chunk: int = 64,
+    forget: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PaTH attention chunk by chunk: each chunk's softmax runs over the keys it can see
+    only (no future columns, half the work of softmax over full logits).
+
+    Args:
+        q, k, w, beta, keys, chunk: as :func:`path_logits_chunked`; logits are multiplied by ``scale``.
+        v: ``(B, H, Tp + Tq, D)`` values of every visible key.
+        forget: ``(cum_new, cum_all)`` cumulative log forget gates of the new tokens ``(B, H, Tq)``
+            and of all keys ``(B, H, Tp + Tq)`` (PaTH-FoX), or ``None``.
+
+    Returns:
+        ``(out, keys)``: ``(B, H, Tq, D)`` and the carried keys.
+    """
+    outs = []
+    past = 0 if keys is None else keys.shape[-2]
+    for s, e, inter, intra in _path_chunks(q, k, w, beta, keys, chunk):
+        if s is None:
+            return torch.cat(outs, -2), inter
+        logits = torch.cat((inter, intra), -1) * scale  # keys 0 .. past + e - 1
+        if forget is not None:
+            cum_new, cum_all = forget
+            logits = logits + cum_new[..., s:e, None] - cum_all[..., None, : past + e]
+        outs.append(logits.softmax(-1) @ v[:, :, : past + e])
+    raise AssertionError("unreachable")
 
 
 class _PathCore(nn.Module):
@@ -544,8 +613,9 @@ class PaTH(PositionalEncoding):
 
     ``W_w`` is low rank (``d_model -> rank -> H D``, as the reference for multi-head
     attention) followed by a causal depthwise convolution of width ``conv``. Attention is
-    computed by :func:`path_logits_chunked` (equal to the loop
-    :func:`path_logits_reference`, tested); decoding carries the cached keys forward by
+    computed by :func:`path_attention_chunked`, chunk by chunk over the visible keys (its
+    logits, :func:`path_logits_chunked`, equal the loop :func:`path_logits_reference`,
+    tested); decoding carries the cached keys forward by
     each new token's transform, which is the decode form of the reference code.
 
     Args:
@@ -624,14 +694,8 @@ class PaTH(PositionalEncoding):
         keys = state.get("keys") if state is not None else None
         if keys is None and tk != tq:
             raise ValueError(f"{self.name}: {tk - tq} cached keys but no carried keys in the decoding state")
-        if self.implementation == "reference" and keys is None:
-            logits = path_logits_reference(qw, kw, w, beta)
-            carried = None
-        else:
-            logits, carried = path_logits_chunked(qw, kw, w, beta, keys, self.chunk)
-        if state is not None:
-            state["keys"] = carried.detach() if carried is not None else None
-        logits = logits / math.sqrt(q.shape[-1])
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        forget = None
         if log_f is not None:
             cum = log_f.to(work).cumsum(-1)  # F_t = sum_{s <= t} ln f_s over the new tokens
             if state is not None:
@@ -642,9 +706,17 @@ class PaTH(PositionalEncoding):
                 all_cum = state["forget"]
             else:
                 all_cum = cum
-            logits = logits + cum[..., :, None] - all_cum[..., None, :]  # sum_{s=j+1..i} ln f_s
-        probs = logits.softmax(-1)  # the future is -inf already
-        return torch.matmul(probs, v.to(work)).to(q.dtype)
+            forget = (cum, all_cum)  # the logit gains sum_{s=j+1..i} ln f_s = F_i - F_j
+        if self.implementation == "reference" and keys is None:
+            logits = path_logits_reference(qw, kw, w, beta) * scale
+            if forget is not None:
+                logits = logits + forget[0][..., :, None] - forget[1][..., None, :]
+            out, carried = logits.softmax(-1) @ v.to(work), None  # the future is -inf already
+        else:
+            out, carried = path_attention_chunked(qw, kw, v.to(work), w, beta, scale, keys, self.chunk, forget)
+        if state is not None:
+            state["keys"] = carried.detach() if carried is not None else None
+        return out.to(q.dtype)
 
     def extra_repr(self) -> str:
         return f"layers={self.layer_sets}, chunk={self.chunk}, implementation={self.implementation!r}"

@@ -7,7 +7,13 @@ import torch
 
 from poslab import Transformer, pe
 from poslab.pe.base import AttentionContext
-from poslab.pe.contextual import path_logits_chunked, path_logits_reference, skew_relative_logits
+from poslab.pe.contextual import (
+    path_attention_chunked,
+    path_logits_chunked,
+    path_logits_reference,
+    skew_relative_logits,
+    unit_lower_inverse,
+)
 
 
 def _ctx(t, causal, ids=None, tk=None, **kw):
@@ -365,6 +371,34 @@ def test_path_decoding_with_carried_keys_equals_the_reference():
     seen = torch.isfinite(ref[:, :, 17:])
     torch.testing.assert_close(got[seen], ref[:, :, 17:][seen], atol=1e-12, rtol=1e-12)
     assert keys.shape[-2] == 30
+
+
+@pytest.mark.parametrize("forget", [False, True])
+def test_path_attention_by_chunks_equals_softmax_of_the_reference_with_gradients(forget):
+    q, k, w, b = (x.requires_grad_() for x in _path_inputs(19))
+    v = torch.randn(2, 3, 19, 4, dtype=torch.float64, requires_grad=True)
+    cum = torch.randn(2, 3, 19, dtype=torch.float64).cumsum(-1) if forget else None
+    logits = path_logits_reference(q, k, w, b) * 0.5
+    if forget:
+        logits = logits + cum[..., :, None] - cum[..., None, :]
+    want = logits.softmax(-1) @ v
+    got, keys = path_attention_chunked(q, k, v, w, b, 0.5, None, 4, (cum, cum) if forget else None)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, w, b, v))
+    for g, r in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, w, b, v))):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-8)
+    # decoding: the last 6 tokens against the 13 carried keys
+    with torch.no_grad():
+        _, carried = path_logits_chunked(q[:, :, :13], k[:, :, :13], w[:, :, :13], b[:, :, :13], None, 4)
+        tail, _ = path_attention_chunked(q[:, :, 13:], k[:, :, 13:], v, w[:, :, 13:], b[:, :, 13:], 0.5, carried, 4,
+                                         (cum[..., 13:], cum) if forget else None)  # fmt: skip
+    torch.testing.assert_close(tail, want[:, :, 13:].detach(), atol=1e-12, rtol=1e-10)
+
+
+def test_unit_lower_inverse_inverts_at_every_size():
+    for n in (1, 2, 3, 7, 16, 33):
+        a = torch.randn(2, n, n, dtype=torch.float64).tril(-1) + torch.eye(n, dtype=torch.float64)
+        torch.testing.assert_close(unit_lower_inverse(a) @ a, torch.eye(n, dtype=torch.float64).expand(2, n, n))
 
 
 def test_path_reference_is_the_product_of_householder_matrices():
