@@ -194,6 +194,13 @@ def cmd_lm(args: argparse.Namespace) -> int:
     try:
         if args.lm_command == "pretrain":
             fields = {k: getattr(args, k) for k in LM_FIELDS if getattr(args, k) is not None}
+            if args.pe is not None:
+                fields["pe"] = args.pe
+            for item in args.pe_param or []:
+                if "=" not in item:
+                    raise ValueError(f"--pe-param takes NAME=VALUE, got {item!r}")
+                key, value = item.split("=", 1)
+                fields.setdefault("pe_params", {})[key] = _parse_value(value)
             try:
                 cfg = lm.LMConfig(**fields)
             except ValidationError as err:
@@ -287,6 +294,7 @@ LM_FIELDS = (
     "batch_size",
     "lr",
     "seed",
+    "max_position",
 )
 
 
@@ -378,11 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lm", help="the language-modelling lab: pretrain, fine-tune, perplexity by length")
     lm_sub = p.add_subparsers(dest="lm_command", required=True)
-    q = lm_sub.add_parser("pretrain", help="pretrain a byte-level RoPE model at --train-length")
+    q = lm_sub.add_parser("pretrain", help="pretrain a byte-level model (RoPE by default) at --train-length")
     q.add_argument("--out", required=True, help="model directory")
     q.add_argument("--corpus", help="directory of text files (default: the standard library's source)")
     for name in LM_FIELDS[1:]:
         q.add_argument("--" + name.replace("_", "-"), type=float if name == "lr" else int)
+    q.add_argument("--pe", help="encoding (default rope; the context-extension methods need rope)")
+    q.add_argument("--pe-param", action="append", metavar="NAME=VALUE", help="encoding parameter, repeatable")
     q.add_argument("--no-progress", action="store_true")
     q = lm_sub.add_parser("finetune", help="fine-tune a pretrained model with a method at a target length")
     q.add_argument("--model", required=True)

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -102,6 +103,14 @@ def test_command_line(pretrained, tmp_path, capsys):
     assert "unknown context-extension method 'rerope'" in capsys.readouterr().err
     assert main(["lm", "pretrain", "--out", str(tmp_path / "bad"), "--steps", "0"]) == 2
     assert "steps" in capsys.readouterr().err
+    seq = tmp_path / "seqpe"
+    assert main(args[:2] + ["--out", str(seq)] + args[4:] + ["--pe", "seqpe", "--pe-param", "apply=attn_scalar",
+                                                               "--max-position", "64"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["config"]["pe_params"] == {"apply": "attn_scalar"}
+    assert main(["lm", "eval", "--model", str(seq), "--methods", "none", "--lengths", "16,64", "--span", "64"]) == 0
+    assert "| none |" in capsys.readouterr().out
+    assert main(["lm", "eval", "--model", str(seq), "--methods", "pi", "--lengths", "16,32", "--span", "64"]) == 2
+    assert "needs a RoPE model" in capsys.readouterr().err
 
 
 def test_longrope_search_on_the_model_and_evaluation_with_its_factors(pretrained, corpus):
