@@ -48,6 +48,25 @@ def test_a_vit_runs_on_every_grid_with_two_d_or_flattened_ids(pe, params):
     assert set(record["accuracy"]) == {"4", "6"} and all(0 <= a <= 1 for a in record["accuracy"].values())
 
 
+def test_seqpe_in_the_vit_has_room_past_the_test_grids_and_shifts_its_training_grid():
+    cfg = ViTConfig(pe="seqpe", pe_params={"shift_rate": 1.0}, train_grid=4, test_grids=[4, 6], d_model=16,
+                    num_layers=1)  # fmt: skip
+    model = VisionTransformer(cfg)
+    assert model.body.pe.max_position == 16 and model.body.pe.dims == 2  # 4 x the training grid
+    gen = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(50):
+        ids, span, shifted = model.training_ids(4, gen)
+        assert shifted and span == (4, 4) and ids.shape == (1, 16, 2)
+        corner = tuple(ids[0, 0].tolist())
+        assert torch.equal(ids - torch.tensor(corner), grid_ids(4, True, 6))  # the whole grid moved
+        assert 0 <= min(corner) and max(corner) <= 12
+        starts.add(corner)
+    assert len(starts) > 10
+    plain = VisionTransformer(cfg.model_copy(update={"pe_params": {"shift_rate": 0.0}}))
+    assert not plain.training_ids(4, gen)[2]
+
+
 def test_training_learns_the_shapes_at_the_training_grid():
     record = run_vit(ViTConfig(pe="rope_2d", steps=300, test_examples=200, test_grids=[4], d_model=32, num_layers=2),
                      progress=False)  # fmt: skip

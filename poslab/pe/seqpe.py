@@ -14,7 +14,15 @@ shared by all layers (``qk_sharing="single"``), per layer (``"multi"``) or absen
 ``P_q = P_k = pe``). Two regularizers make it extrapolate (:meth:`SeqPE.auxiliary_loss`):
 a contrastive loss that orders embedding similarity by position distance, and a
 distillation loss that gives a shifted, out-of-range window the in-range similarity
-structure.
+structure; and a main-task random shift (:meth:`SeqPE.training_offset`) moves a training
+step's ids to a random start. All three work in any number of dimensions: n-D pivots and
+candidates are grid points, hard negatives edit the concatenated digits and cut them back
+into coordinates, near candidates come from a square window, and the distillation window
+moves by an offset that leaves the training grid on at least one axis.
+
+Deviation, on purpose: pivots are drawn uniformly per step rather than as shuffled epochs of
+the whole range, so a resumed run draws the same pivots as an uninterrupted one (the
+expected coverage is the same).
 """
 
 from __future__ import annotations
