@@ -486,31 +486,44 @@ def _path_chunks(q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | N
     """The chunk loop of :func:`path_logits_chunked`: yields ``(s, e, inter, intra)`` per
     chunk of new tokens ``s .. e-1`` (logits against the earlier keys, and inside the chunk
     with ``-inf`` above the diagonal) and finally ``(None, None, keys, None)`` with all keys
-    carried past the last token."""
+    carried past the last token.
+
+    Everything local to a chunk (its WY matrix ``T``, the intra-chunk logits, the queries
+    mapped back to the chunk start, its keys carried to the chunk end) is computed for all
+    chunks at once; only the carry of earlier keys runs chunk by chunk. A last, shorter
+    chunk is padded with ``w = 0, beta = 0`` (identity transforms after its real tokens)."""
     b, h, t, d = q.shape
     if keys is None:
         keys = q.new_zeros(b, h, 0, d)
-    # split, not sliced per chunk: the backward of a slice fills a full-size zero tensor
-    pieces = zip(q.split(chunk, 2), k.split(chunk, 2), w.split(chunk, 2), beta.split(chunk, 2))
-    for s, (qc, kc, wc, bc) in zip(range(0, t, chunk), pieces):
-        e = min(s + chunk, t)
-        c = e - s
-        lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [a <= i] as (i, a)
-        strictly_lower = lower.logical_and(~torch.eye(c, dtype=torch.bool, device=q.device))
-        gram = wc @ wc.transpose(-1, -2)  # (B, H, C, C)
-        eye = torch.eye(c, dtype=q.dtype, device=q.device)
-        a_mat = eye + bc[..., :, None] * gram.masked_fill(~strictly_lower, 0.0)
-        tmat = unit_lower_inverse(a_mat) * bc[..., None, :]  # A^{-1} diag(beta)
-        qw = (qc @ wc.transpose(-1, -2)).masked_fill(~lower, 0.0)  # (i, a): q_i.w_a, a <= i
-        wk = (wc @ kc.transpose(-1, -2)).masked_fill(~strictly_lower, 0.0)  # (b, j): w_b.k_j, b > j
-        qt = qw @ tmat  # (B, H, C, C)
-        intra = (qc @ kc.transpose(-1, -2) - qt @ wk).masked_fill(~lower, float("-inf"))
-        q_back = qc - qt @ wc  # queries mapped back to the chunk start
-        yield s, e, q_back @ keys.transpose(-1, -2), intra  # inter: (B, H, C, Tp + s)
-        # carry earlier keys through this chunk, then append the chunk's keys carried to its end
-        keys = keys - ((keys @ wc.transpose(-1, -2)) @ tmat.transpose(-1, -2)) @ wc
-        kc_end = kc - (wk.transpose(-1, -2) @ tmat.transpose(-1, -2)) @ wc
-        keys = torch.cat((keys, kc_end), -2)
+    c = max(1, min(chunk, t))
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:
+        q, k, w = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, w))
+        beta = F.pad(beta, (0, pad))
+    qs, ks, ws = (x.view(b, h, n, c, d) for x in (q, k, w))
+    bs = beta.view(b, h, n, c)
+    lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [a <= i] as (i, a)
+    strictly_lower = lower.logical_and(~torch.eye(c, dtype=torch.bool, device=q.device))
+    gram = ws @ ws.transpose(-1, -2)  # (B, H, N, C, C)
+    eye = torch.eye(c, dtype=q.dtype, device=q.device)
+    a_mat = eye + bs[..., :, None] * gram.masked_fill(~strictly_lower, 0.0)
+    tmat = unit_lower_inverse(a_mat) * bs[..., None, :]  # A^{-1} diag(beta)
+    qw = (qs @ ws.transpose(-1, -2)).masked_fill(~lower, 0.0)  # (i, a): q_i.w_a, a <= i
+    wk = (ws @ ks.transpose(-1, -2)).masked_fill(~strictly_lower, 0.0)  # (b, j): w_b.k_j, b > j
+    qt = qw @ tmat
+    intra = (qs @ ks.transpose(-1, -2) - qt @ wk).masked_fill(~lower, float("-inf"))
+    q_back = qs - qt @ ws  # queries mapped back to their chunk start
+    k_end = ks - (wk.transpose(-1, -2) @ tmat.transpose(-1, -2)) @ ws  # keys carried to their chunk end
+    # unbind, not index: the backward of an index fills a full-size zero tensor per chunk
+    chunks = zip(q_back.unbind(2), intra.unbind(2), ws.unbind(2), tmat.unbind(2), k_end.unbind(2))
+    for i, (qb, intra_i, wc, tc, kc_end) in enumerate(chunks):
+        s, e = i * c, min((i + 1) * c, t)
+        r = e - s
+        yield s, e, qb[:, :, :r] @ keys.transpose(-1, -2), intra_i[:, :, :r, :r]  # inter: (B, H, r, Tp + s)
+        # carry earlier keys through this chunk, then append the chunk's own keys
+        keys = keys - ((keys @ wc.transpose(-1, -2)) @ tc.transpose(-1, -2)) @ wc
+        keys = torch.cat((keys, kc_end[:, :, :r]), -2)
     yield None, None, keys, None
 
 
@@ -573,17 +586,42 @@ def path_attention_chunked(
     Returns:
         ``(out, keys)``: ``(B, H, Tq, D)`` and the carried keys.
     """
-    outs = []
+    probs = []
     past = 0 if keys is None else keys.shape[-2]
     for s, e, inter, intra in _path_chunks(q, k, w, beta, keys, chunk):
         if s is None:
-            return torch.cat(outs, -2), inter
+            return _PrefixMatmul.apply(v, *probs), inter
         logits = torch.cat((inter, intra), -1) * scale  # keys 0 .. past + e - 1
         if forget is not None:
             cum_new, cum_all = forget
             logits = logits + cum_new[..., s:e, None] - cum_all[..., None, : past + e]
-        outs.append(logits.softmax(-1) @ v[:, :, : past + e])
+        probs.append(logits.softmax(-1))
     raise AssertionError("unreachable")
+
+
+class _PrefixMatmul(torch.autograd.Function):
+    """``cat_c(P_c @ v[:, :, :n_c])`` for row blocks ``P_c`` ``(B, H, r_c, n_c)``: one value
+    gradient buffer filled block by block (autograd would give every prefix slice of ``v``
+    its own full-size zero tensor)."""
+
+    @staticmethod
+    def forward(ctx, v, *probs):  # noqa: D102
+        ctx.save_for_backward(v, *probs)
+        return torch.cat([p @ v[:, :, : p.shape[-1]] for p in probs], -2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        v, *probs = ctx.saved_tensors
+        dv = torch.zeros_like(v)
+        dprobs, row = [], 0
+        for p in probs:
+            g = grad_out[:, :, row : row + p.shape[-2]]
+            row += p.shape[-2]
+            n = p.shape[-1]
+            dv[:, :, :n] += p.transpose(-1, -2) @ g
+            dprobs.append(g @ v[:, :, :n].transpose(-1, -2))
+        return (dv, *dprobs)
 
 
 class _PathCore(nn.Module):
