@@ -357,25 +357,34 @@ class CoPE(PositionalEncoding):
 _COPE_BLOCK_ELEMENTS = 1 << 22  # numbers in one block's (B, H, rows, keys) score tensor
 
 
-def _cope_block(q, k, emb, scale: float, max_pos: int, first: int):
-    """One query block of CoPE: queries ``q`` ``(B, H, n, D)`` whose first one sees keys up to
-    index ``first`` of ``k`` ``(B, H, first + n, D)``. Returns the masked logits ``S``, the
-    gates, the unclamped positions, the floor index, the weight ``w`` and ``step = z[lo + 1] -
-    z[lo]`` at each entry (0 at the last slot)."""
+def _cope_block(q, k, emb, scale: float, max_pos: int):
+    """One query block of CoPE: queries ``q`` ``(B, H, n, D)``, the last ``n`` of the keys
+    ``k`` ``(B, H, m, D)`` they see. Returns the masked scores ``l + z[lo] + w (z[lo + 1] -
+    z[lo])``, the gates, the floor index, the weight ``w``, the step ``z[lo + 1] - z[lo]`` at
+    each entry (0 at the last slot) and where the position clamp is active. Written to
+    allocate as few score-sized tensors as it can (each is a page-faulting pass on CPU)."""
     n, m = q.shape[-2], k.shape[-2]
     logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B, H, n, m)
     logits[..., m - n :].masked_fill_(~causal_mask(n, n, q.device), float("-inf"))  # only the last n keys are future
     gates = torch.sigmoid(logits)
-    raw = gates.sum(-1, keepdim=True) - gates.cumsum(-1) + gates  # sum_{t = j..i} g_it
-    pos = raw.clamp(0, max_pos - 1)
-    lo = pos.floor()
-    w = pos.sub_(lo)
-    index = lo.long()
+    pos = gates.cumsum(-1).neg_().add_(gates.sum(-1, keepdim=True)).add_(gates)  # sum_{t = j..i} g_it
+    clamped = pos > max_pos - 1  # (rounding can leave a masked entry a hair below 0: its score is -inf)
+    pos.clamp_(0, max_pos - 1)
+    index = pos.floor().long()
+    w = pos.sub_(index)  # in place: the fractional part
     z = torch.matmul(q, emb.transpose(-1, -2))  # (B, H, n, P)
     step = torch.diff(z, dim=-1, append=z[..., -1:])
     step_at = step.gather(-1, index)
-    scores = logits.add_(z.gather(-1, index)).addcmul_(w, step_at)  # l + z[lo] + w (z[lo+1] - z[lo])
-    return scores, gates, raw, index, w, step_at
+    scores = logits.add_(z.gather(-1, index)).addcmul_(w, step_at)
+    return scores, gates, index, w, step_at, clamped
+
+
+def _softmax_(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """In-place softmax of the last axis; returns ``(probs, logsumexp)``."""
+    top = scores.amax(-1, keepdim=True)
+    probs = scores.sub_(top).exp_()
+    total = probs.sum(-1, keepdim=True)
+    return probs.div_(total), (top + total.log()).squeeze(-1)
 
 
 class _CoPEAttention(torch.autograd.Function):
@@ -401,9 +410,7 @@ class _CoPEAttention(torch.autograd.Function):
         for s in range(0, tq, rows):
             e = min(s + rows, tq)
             m = e + offset
-            scores = _cope_block(q[:, :, s:e], k[:, :, :m], emb, scale, max_pos, s + offset)[0]
-            lse[:, :, s:e] = torch.logsumexp(scores, -1)
-            probs = scores.sub_(lse[:, :, s:e, None]).exp_()
+            probs, lse[:, :, s:e] = _softmax_(_cope_block(q[:, :, s:e], k[:, :, :m], emb, scale, max_pos)[0])
             out[:, :, s:e] = torch.matmul(probs, v[:, :, :m])
         ctx.save_for_backward(q, k, v, emb, out, lse)
         ctx.scale, ctx.max_pos, ctx.rows = scale, max_pos, rows
@@ -424,15 +431,18 @@ class _CoPEAttention(torch.autograd.Function):
             e = min(s + rows, tq)
             m = e + offset
             qb, kb, vb, gb = q[:, :, s:e], k[:, :, :m], v[:, :, :m], grad_out[:, :, s:e]
-            scores, gates, raw, index, w, step_at = _cope_block(qb, kb, emb, scale, max_pos, s + offset)
+            scores, gates, index, w, step_at, clamped = _cope_block(qb, kb, emb, scale, max_pos)
             probs = scores.sub_(lse[:, :, s:e, None]).exp_()
             dv[:, :, :m] += torch.matmul(probs.transpose(-1, -2), gb)
             ds = torch.matmul(gb, vb.transpose(-1, -2)).sub_(delta[:, :, s:e]).mul_(probs)  # (B, H, n, m)
-            dz = torch.zeros(*qb.shape[:-1], max_pos, dtype=q.dtype, device=q.device)
-            dz.scatter_add_(-1, index, ds - ds * w)
-            dz.scatter_add_(-1, index.add(1).clamp_(max=max_pos - 1), ds * w)
-            dp = (ds * step_at).masked_fill_((raw < 0) | (raw > max_pos - 1), 0.0)
-            dlogits = dp.cumsum_(-1).mul_(gates).mul_(1.0 - gates).add_(ds)
+            upper = w.mul_(ds)  # dS w, to slot lo + 1 (w is not needed after this)
+            dz = torch.zeros(*qb.shape[:-1], max_pos + 1, dtype=q.dtype, device=q.device)
+            dz[..., 1:].scatter_add_(-1, index, upper)
+            dz[..., :-1].scatter_add_(-1, index, upper.neg_().add_(ds))  # dS (1 - w), to slot lo
+            dz[..., max_pos - 1] += dz[..., max_pos]  # slot P is the clamped lo + 1 = P - 1
+            dz = dz[..., :max_pos]
+            dp = step_at.mul_(ds).masked_fill_(clamped, 0.0)
+            dlogits = dp.cumsum_(-1).mul_(gates).mul_(gates.neg_().add_(1.0)).add_(ds)
             dq[:, :, s:e] = torch.matmul(dlogits, kb).mul_(scale) + torch.matmul(dz, emb)
             dk[:, :, :m] += torch.matmul(dlogits.transpose(-1, -2), qb).mul_(scale)
             demb += torch.matmul(dz.transpose(-1, -2), qb).sum(0).sum_to_size(demb.shape)
