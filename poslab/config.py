@@ -45,7 +45,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: str = Field("copy", description="task name, see `poslab tasks`")
-    pe: str = Field("rope", description="encoding name, see `poslab list`")
+    pe: pe_lib.EncodingName = Field("rope", description="encoding name, see `poslab list`")
     pe_params: dict[str, Any] = Field(default_factory=dict)
     train_length: tuple[int, int] = Field((1, 20), description="inclusive range of training lengths")
     test_length: tuple[int, int] = Field((1, 40), description="inclusive range of evaluated lengths")
@@ -83,13 +83,6 @@ class RunConfig(BaseModel):
     @classmethod
     def _test_task(cls, name: str | None) -> str | None:
         return None if name is None else tasks.canonical_task(name)
-
-    @field_validator("pe")
-    @classmethod
-    def _pe(cls, name: str) -> str:
-        if name not in pe_lib.names():
-            raise ValueError(f"unknown encoding {name!r}; valid encodings: {', '.join(pe_lib.names())}")
-        return name
 
     @field_validator("attention")
     @classmethod

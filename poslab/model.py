@@ -36,7 +36,7 @@ class TransformerConfig(BaseModel):
     num_kv_heads: int | None = Field(None, gt=0, description="grouped-query heads; None = num_heads")
     d_ff: int | None = Field(None, gt=0, description="MLP width; None = 4 * d_model")
     causal: bool = Field(True, description="decoder (True) or encoder (False)")
-    pe: str = Field("rope", description="encoding name, see poslab.pe.names()")
+    pe: pe_lib.EncodingName = Field("rope", description="encoding name, see poslab.pe.names()")
     pe_params: dict[str, Any] = Field(default_factory=dict, description="encoding parameters")
     max_seq_len: int = Field(2048, gt=0, description="table size for encodings that have one")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -51,13 +51,6 @@ class TransformerConfig(BaseModel):
     sinks: int = Field(0, ge=0, description="first keys every query sees (attention sinks); needs a window")
     logit_scale: str = Field("none", description="per-query logit temperature, one of " + ", ".join(LOGIT_SCALES))
     logit_scale_params: dict[str, Any] = Field(default_factory=dict, description="train_length, init")
-
-    @field_validator("pe")
-    @classmethod
-    def _known_pe(cls, name: str) -> str:
-        if name not in pe_lib.names():
-            raise ValueError(f"unknown encoding {name!r}; valid encodings: {', '.join(pe_lib.names())}")
-        return name
 
     @field_validator("attention_backend")
     @classmethod

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -59,7 +59,9 @@ class LMConfig(BaseModel):
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
     rope_base: float = Field(10000.0, gt=1.0)
-    pe: str = Field("rope", description="the encoding pretrained with; context-extension methods need rope")
+    pe: pe_lib.EncodingName = Field(
+        "rope", description="the encoding pretrained with; context-extension methods need rope"
+    )
     pe_params: dict[str, Any] = Field(default_factory=dict, description="its parameters")
     max_position: int | None = Field(
         None, ge=8, description="the longest context a non-RoPE model represents (learned tables, SeqPE); default 8 L"
@@ -71,12 +73,6 @@ class LMConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
-
-    @field_validator("pe")
-    @classmethod
-    def _pe(cls, name: str) -> str:
-        pe_lib.get(name)  # an unknown name lists the valid ones
-        return name
 
     @model_validator(mode="after")
     def _rope_params(self) -> LMConfig:

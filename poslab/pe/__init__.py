@@ -8,18 +8,22 @@ from poslab.pe import absolute, bias, bilevel, contextual, functional, rotary, s
 from poslab.pe.base import (
     AttentionBias,
     AttentionContext,
+    EncodingName,
     PositionalEncoding,
     Rotary,
     Site,
     UnknownEncodingError,
     build,
     get,
+    known_encoding,
     names,
     parameters,
     register,
 )
 
 __all__ = [
+    "EncodingName",
+    "known_encoding",
     "AttentionBias",
     "AttentionContext",
     "PositionalEncoding",

@@ -14,14 +14,17 @@ import enum
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import AfterValidator
 from torch import Tensor, nn
 
 from poslab.pe.functional import apply_rope
 
 __all__ = [
+    "EncodingName",
+    "known_encoding",
     "Site",
     "PositionalEncoding",
     "Rotary",
@@ -295,6 +298,16 @@ def get(name: str) -> type[PositionalEncoding]:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownEncodingError(f"unknown encoding {name!r}; valid encodings: {', '.join(names())}") from None
+
+
+def known_encoding(name: str) -> str:
+    """``name`` if it is registered; else the error of :func:`get` (it lists the valid names)."""
+    get(name)
+    return name
+
+
+EncodingName = Annotated[str, AfterValidator(known_encoding)]
+"""A config field holding a registered encoding name (pydantic checks it with :func:`known_encoding`)."""
 
 
 def parameters(name: str) -> dict[str, inspect.Parameter]:
