@@ -171,12 +171,23 @@ class _BandedBiasAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        (q, k, v, out, lse, dense), grad_out, (dq, dk, dv) = _flash_backward(ctx, grad_out)
-        drel = None
-        if ctx.needs_input_grad[3]:
-            g = _band_diagonal_grad(q, k, v, out, grad_out, lse, dense, ctx.scale, ctx.band)  # (H, band)
-            drel = torch.cat((g, -g.sum(-1, keepdim=True)), dim=-1) if ctx.saturates else g
-        return dq, dk, dv, drel, None, None, None
+        if not ctx.needs_input_grad[3]:
+            _, _, grads = _flash_backward(ctx, grad_out)
+            return *grads, None, None, None, None
+        q, k, v, out, lse, dense = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        t = q.shape[-2]
+        if ctx.band >= t:  # every key is in the band: q/k/v gradients from the same blocks
+            acc = _QKVGrads(q)
+        else:
+            acc = None
+            _, _, grads = _flash_backward(ctx, grad_out)
+        blocks = _score_grad_blocks(q, k, v, out, grad_out, lse, dense, ctx.scale, ctx.band, grads=acc)
+        g = _band_diagonal_grad(blocks, q, ctx.band)  # (H, band)
+        drel = torch.cat((g, -g.sum(-1, keepdim=True)), dim=-1) if ctx.saturates else g
+        if acc is not None:
+            grads = acc.result()
+        return *grads, drel, None, None, None
 
 
 class _DenseBiasAttention(torch.autograd.Function):
@@ -195,24 +206,47 @@ class _DenseBiasAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        (q, k, v, out, lse, dense), grad_out, (dq, dk, dv) = _flash_backward(ctx, grad_out)
-        dbias = None
-        if ctx.needs_input_grad[3]:
-            b, h, t, _ = q.shape
-            shared = ctx.bias_shape[0] == 1
-            work = torch.promote_types(q.dtype, torch.float32)
-            dbias = torch.zeros((1 if shared else b, h, t, t), dtype=work, device=q.device)
-            for start, end, k0, ds in _score_grad_blocks(q, k, v, out, grad_out, lse, dense, ctx.scale, t):
-                dbias[:, :, start:end, k0:end] += ds.sum(0, keepdim=True) if shared else ds
-            dbias = dbias.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype)
-        return dq, dk, dv, dbias, None, None
+        if not ctx.needs_input_grad[3]:
+            _, _, grads = _flash_backward(ctx, grad_out)
+            return *grads, None, None, None
+        q, k, v, out, lse, dense = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        b, h, t, _ = q.shape
+        shared = ctx.bias_shape[0] == 1
+        acc = _QKVGrads(q)
+        dbias = torch.zeros((1 if shared else b, h, t, t), dtype=acc.work, device=q.device)
+        for start, end, k0, ds in _score_grad_blocks(q, k, v, out, grad_out, lse, dense, ctx.scale, t, grads=acc):
+            dbias[:, :, start:end, k0:end] += ds.sum(0, keepdim=True) if shared else ds
+        dbias = dbias.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype)
+        return *acc.result(), dbias, None, None
 
 
-def _score_grad_blocks(q, k, v, out, grad_out, lse, dense, scale: float, band: int, block: int = 256):
+class _QKVGrads:
+    """q/k/v gradients accumulated over the score blocks of :func:`_score_grad_blocks`.
+
+    With the blocks already computed for the bias gradient, ``dV += P^T dO``,
+    ``dQ = scale dS K`` and ``dK += scale dS^T Q`` cost three matmuls a block, where the
+    flash backward would recompute the scores, the softmax and ``dP`` a second time.
+    """
+
+    def __init__(self, q: Tensor) -> None:
+        b, h, t, d = q.shape
+        self.shape, self.dtype = q.shape, q.dtype
+        self.work = torch.promote_types(q.dtype, torch.float32)
+        self.dq, self.dk, self.dv = (torch.zeros(b * h, t, d, dtype=self.work, device=q.device) for _ in range(3))
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(g.view(self.shape).to(self.dtype) for g in (self.dq, self.dk, self.dv))
+
+
+def _score_grad_blocks(
+    q, k, v, out, grad_out, lse, dense, scale: float, band: int, block: int = 256, grads: _QKVGrads | None = None
+):
     """Yield ``(start, end, k0, dS)`` over query blocks: ``dS = P * (dP - rowsum(dO * O))``
     for queries ``start:end`` and keys ``k0:end`` (the keys within ``band`` of the block),
     float32 (float64 for float64 inputs) ``(B, H, end - start, end - k0)``; entries above
-    the diagonal are zero.
+    the diagonal are zero. With ``grads`` (only when ``band >= T``: every key is visited),
+    the q/k/v gradients are accumulated into it from the same blocks.
 
     At long lengths the element-wise passes over the score block, not the matmuls, dominate,
     so the row terms ride inside the matmuls: ``q`` gets an extra column ``-lse / scale``
@@ -227,6 +261,11 @@ def _score_grad_blocks(q, k, v, out, grad_out, lse, dense, scale: float, band: i
     k_aug = torch.cat((k.to(work), ones), -1).reshape(b * h, t, d + 1)
     g_aug = torch.cat((grad_out.to(work), -rowdot), -1).reshape(b * h, t, d + 1)
     v_aug = torch.cat((v.to(work), ones), -1).reshape(b * h, t, d + 1)
+    if grads is not None:
+        if band < t:
+            raise ValueError("q/k/v gradients from the score blocks need every key (band >= T)")
+        q_w, k_w = (x.to(work).reshape(b * h, t, d) for x in (q, k))
+        g_w = grad_out.to(work).reshape(b * h, t, d)
     step = max(1, min(block, band))
     for start in range(0, t, step):
         end = min(start + step, t)
@@ -236,15 +275,23 @@ def _score_grad_blocks(q, k, v, out, grad_out, lse, dense, scale: float, band: i
         probs.add_(dense[..., start:end, k0:end]).exp_()
         diag = probs[..., m - n :]  # the only keys that can lie in a query's future
         diag.masked_fill_(causal_mask(n, n, q.device).logical_not(), 0.0)
+        if grads is not None:
+            grads.dv[:, k0:end].baddbmm_(probs.view(b * h, n, m).transpose(-1, -2), g_w[:, start:end])
         dp = torch.bmm(g_aug[:, start:end], v_aug[:, k0:end].transpose(-1, -2)).view(b, h, n, m)
-        yield start, end, k0, probs.mul_(dp)
+        ds = probs.mul_(dp)
+        if grads is not None:
+            flat = ds.view(b * h, n, m)
+            grads.dq[:, start:end].baddbmm_(flat, k_w[:, k0:end], alpha=scale)
+            grads.dk[:, k0:end].baddbmm_(flat.transpose(-1, -2), q_w[:, start:end], alpha=scale)
+        yield start, end, k0, ds
 
 
-def _band_diagonal_grad(q, k, v, out, grad_out, lse, dense, scale: float, band: int) -> Tensor:
-    """Sum over batch and diagonal of ``dS`` for ``0 <= i - j < band``: ``(H, band)`` float32."""
-    _, h, t, _ = q.shape
+def _band_diagonal_grad(blocks, q: Tensor, band: int) -> Tensor:
+    """Sum over batch and diagonal of the ``dS`` ``blocks`` (from :func:`_score_grad_blocks`)
+    for ``0 <= i - j < band``: ``(H, band)`` float32."""
+    h = q.shape[1]
     grad = torch.zeros(h, band, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-    for start, end, k0, ds in _score_grad_blocks(q, k, v, out, grad_out, lse, dense, scale, band):
+    for start, end, k0, ds in blocks:
         n, m = end - start, end - k0
         # skew: row r of the column-flipped block, written shifted right by r, puts entry
         # (r, c) in column r + m - 1 - c = (m - 1) + (i - j) - (start - k0); column sums

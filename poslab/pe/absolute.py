@@ -44,23 +44,38 @@ class Sinusoidal(PositionalEncoding):
         base: frequency base, 10000 in the paper.
         layout: ``"interleaved"`` (sin/cos alternate, the paper) or ``"concat"``.
         scale_tokens: multiply token embeddings by ``sqrt(d_model)`` first, as the paper does.
+        amplitude: peak value of the table (1 in the paper). The paper's tokens are
+            ``N(0, 1/d)`` times ``sqrt(d)``, so content and position enter at about the same
+            scale; poslab's tokens start at ``N(0, 0.02^2)``, where an amplitude of 1 puts
+            position about 35 times above content. ``amplitude = 0.02 * sqrt(2)`` gives the
+            table the tokens' initial RMS (the rule the lab's example studies use).
     """
 
     paper = "Attention Is All You Need, Vaswani, 2017, arXiv 1706.03762"
     sites = frozenset({Site.INPUT})
 
     def __init__(
-        self, *, d_model: int, base: float = 10000.0, layout: str = "interleaved", scale_tokens: bool = False
+        self,
+        *,
+        d_model: int,
+        base: float = 10000.0,
+        layout: str = "interleaved",
+        scale_tokens: bool = False,
+        amplitude: float = 1.0,
     ) -> None:
         super().__init__()
+        if not amplitude > 0 or not math.isfinite(amplitude):
+            raise ValueError(f"sinusoidal: amplitude must be a finite number > 0, got {amplitude!r}")
         if d_model % 2:
             raise ValueError(f"sinusoidal: d_model must be even, got {d_model}")
         if layout not in ("interleaved", "concat"):
             raise ValueError(f"sinusoidal: layout={layout!r} is not one of 'interleaved', 'concat'")
         self.d_model, self.base, self.layout, self.scale_tokens = d_model, base, layout, scale_tokens
+        self.amplitude = float(amplitude)
 
     def input_embedding(self, positions: Tensor) -> Tensor:
-        return F.sinusoidal_table(positions, self.d_model, self.base, self.layout)  # (B, T, d)
+        table = F.sinusoidal_table(positions, self.d_model, self.base, self.layout)  # (B, T, d)
+        return table if self.amplitude == 1.0 else table * self.amplitude
 
     def token_scale(self) -> float:
         return math.sqrt(self.d_model) if self.scale_tokens else 1.0

@@ -62,3 +62,21 @@ def test_fourier_encoding_in_a_model_learns_and_sees_positions():
     model(x).sum().backward()
     assert model.pe.lff.freqs.weight.grad.abs().sum() > 0
     assert math.isfinite(model(x, position_ids=pos * 0.5).sum().item())  # float positions work
+
+
+def test_sinusoidal_amplitude_scales_the_table_and_is_checked():
+    pos = torch.arange(12)[None]
+    plain = pe.build("sinusoidal", d_model=16)
+    small = pe.build("sinusoidal", d_model=16, amplitude=0.02 * 2**0.5)
+    torch.testing.assert_close(plain.input_embedding(pos), F.sinusoidal_table(pos, 16))
+    torch.testing.assert_close(small.input_embedding(pos), F.sinusoidal_table(pos, 16) * 0.02 * 2**0.5)
+    # the documented rule: RMS of the table equals the tokens' initial std (0.02)
+    assert small.input_embedding(pos).pow(2).mean().sqrt().item() == pytest.approx(0.02, rel=1e-6)
+    model = Transformer(
+        vocab_size=10, d_model=16, num_heads=2, num_layers=1, pe="sinusoidal", pe_params={"amplitude": 0.5}
+    )
+    ids = torch.randint(0, 10, (2, 5))
+    assert model(ids).shape == (2, 5, 10) and model.pe.amplitude == 0.5
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="amplitude"):
+            pe.build("sinusoidal", d_model=16, amplitude=bad)
