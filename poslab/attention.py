@@ -11,6 +11,9 @@ the keys); everything that acts on the logits happens here. Backends, chosen per
   backward that takes q/k/v gradients from the flash kernel and the bias gradient from the
   band of the score matrix only (rows of the softmax gradient sum to zero, so the far,
   constant part of the bias gets minus the band's sum);
+- a learned bias over every distance (KERPLE, FIRE, dynamic bias...): the same forward; the
+  backward recomputes the score blocks once and takes the bias *and* the q/k/v gradients
+  from them (the flash backward would recompute them a second time);
 - anything else: SDPA with a float mask (bias + causal) built once per shape, dtype and
   device and shared by all layers; or ``backend="explicit"``, the float32 einsum reference.
 

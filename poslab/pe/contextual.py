@@ -525,15 +525,17 @@ def _path_chunks(q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | N
     intra = (qs @ ks.transpose(-1, -2) - qt @ wk).masked_fill(~lower, float("-inf"))
     q_back = qs - qt @ ws  # queries mapped back to their chunk start
     k_end = ks - (wk.transpose(-1, -2) @ tmat.transpose(-1, -2)) @ ws  # keys carried to their chunk end
+    # the chunk's whole product as a D x D matrix acting on row vectors: k^T (I - W^T T^T W);
+    # carrying s earlier keys then costs s D^2, not s (2 C D + C^2) through the WY factors
+    carry = torch.eye(d, dtype=q.dtype, device=q.device) - ws.transpose(-1, -2) @ tmat.transpose(-1, -2) @ ws
     # unbind, not index: the backward of an index fills a full-size zero tensor per chunk
-    chunks = zip(q_back.unbind(2), intra.unbind(2), ws.unbind(2), tmat.unbind(2), k_end.unbind(2))
-    for i, (qb, intra_i, wc, tc, kc_end) in enumerate(chunks):
+    chunks = zip(q_back.unbind(2), intra.unbind(2), carry.unbind(2), k_end.unbind(2))
+    for i, (qb, intra_i, carry_i, kc_end) in enumerate(chunks):
         s, e = i * c, min((i + 1) * c, t)
         r = e - s
         yield s, e, qb[:, :, :r] @ keys.transpose(-1, -2), intra_i[:, :, :r, :r]  # inter: (B, H, r, Tp + s)
         # carry earlier keys through this chunk, then append the chunk's own keys
-        keys = keys - ((keys @ wc.transpose(-1, -2)) @ tc.transpose(-1, -2)) @ wc
-        keys = torch.cat((keys, kc_end[:, :, :r]), -2)
+        keys = torch.cat((keys @ carry_i, kc_end[:, :, :r]), -2)
     yield None, None, keys, None
 
 
@@ -598,10 +600,11 @@ def path_attention_chunked(
     """
     probs = []
     past = 0 if keys is None else keys.shape[-2]
-    for s, e, inter, intra in _path_chunks(q, k, w, beta, keys, chunk):
+    # logits are linear in q: scaling q scales them (one pass over q, not one over every logit)
+    for s, e, inter, intra in _path_chunks(q * scale, k, w, beta, keys, chunk):
         if s is None:
             return _PrefixMatmul.apply(v, *probs), inter
-        logits = torch.cat((inter, intra), -1) * scale  # keys 0 .. past + e - 1
+        logits = torch.cat((inter, intra), -1)  # keys 0 .. past + e - 1, scaled
         if forget is not None:
             cum_new, cum_all = forget
             logits = logits + cum_new[..., s:e, None] - cum_all[..., None, : past + e]
