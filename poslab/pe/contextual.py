@@ -514,20 +514,20 @@ def _path_chunks(q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | N
     qs, ks, ws = (x.view(b, h, n, c, d) for x in (q, k, w))
     bs = beta.view(b, h, n, c)
     lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [a <= i] as (i, a)
-    strictly_lower = lower.logical_and(~torch.eye(c, dtype=torch.bool, device=q.device))
     gram = ws @ ws.transpose(-1, -2)  # (B, H, N, C, C)
     eye = torch.eye(c, dtype=q.dtype, device=q.device)
-    a_mat = eye + bs[..., :, None] * gram.masked_fill(~strictly_lower, 0.0)
+    a_mat = eye + bs[..., :, None] * gram.tril(-1)
     tmat = unit_lower_inverse(a_mat) * bs[..., None, :]  # A^{-1} diag(beta)
-    qw = (qs @ ws.transpose(-1, -2)).masked_fill(~lower, 0.0)  # (i, a): q_i.w_a, a <= i
-    wk = (ws @ ks.transpose(-1, -2)).masked_fill(~strictly_lower, 0.0)  # (b, j): w_b.k_j, b > j
+    qw = (qs @ ws.transpose(-1, -2)).tril()  # (i, a): q_i.w_a, a <= i
+    wk = (ws @ ks.transpose(-1, -2)).tril(-1)  # (b, j): w_b.k_j, b > j
     qt = qw @ tmat
     intra = (qs @ ks.transpose(-1, -2) - qt @ wk).masked_fill(~lower, float("-inf"))
     q_back = qs - qt @ ws  # queries mapped back to their chunk start
-    k_end = ks - (wk.transpose(-1, -2) @ tmat.transpose(-1, -2)) @ ws  # keys carried to their chunk end
+    tw = tmat.transpose(-1, -2) @ ws  # (B, H, N, C, D)
+    k_end = ks - wk.transpose(-1, -2) @ tw  # keys carried to their chunk end
     # the chunk's whole product as a D x D matrix acting on row vectors: k^T (I - W^T T^T W);
     # carrying s earlier keys then costs s D^2, not s (2 C D + C^2) through the WY factors
-    carry = torch.eye(d, dtype=q.dtype, device=q.device) - ws.transpose(-1, -2) @ tmat.transpose(-1, -2) @ ws
+    carry = torch.eye(d, dtype=q.dtype, device=q.device) - ws.transpose(-1, -2) @ tw
     # unbind, not index: the backward of an index fills a full-size zero tensor per chunk
     chunks = zip(q_back.unbind(2), intra.unbind(2), carry.unbind(2), k_end.unbind(2))
     for i, (qb, intra_i, carry_i, kc_end) in enumerate(chunks):
