@@ -163,7 +163,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The quickstart study: six encodings on copy and reverse, two seeds, table + report."""
+    """The quickstart study: six encodings on two copy tasks, two seeds, table + report."""
     spec_path = Path(args.file) if args.file else ROOT / "examples" / "quickstart.toml"
     ns = argparse.Namespace(
         file=str(spec_path),
