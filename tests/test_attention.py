@@ -166,3 +166,38 @@ def test_full_band_path_gradcheck_float64():
         return attention(q, k, v, causal=True, bias=pe.AttentionBias(dense=dense, relative_values=vals, band=t))
 
     torch.autograd.gradcheck(f, (q, k, v, vals), atol=1e-6)
+
+
+@pytest.mark.parametrize("mult", [1.0, 30.0])
+def test_bias_floor_changes_nothing_measurable(monkeypatch, mult):
+    """Far-negative bias entries are raised to a floor on the flash path (CPU exp is slow
+    below its underflow threshold). Outputs and all gradients equal those without the floor,
+    for ordinary logits (floor near -40) and for huge ones (the floor moves far down)."""
+    import importlib
+
+    att = importlib.import_module("poslab.attention")
+    t, h = 80, 2
+    dist = (torch.arange(t)[:, None] - torch.arange(t)[None]).clamp(min=0).float()
+    torch.manual_seed(0)
+    q, k, v = _qkv(2, h, t, t, 8)
+    q, k = q * mult, k * mult
+
+    def run():
+        w = torch.tensor([1.0, 300.0]).requires_grad_()
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        dense = (-w[:, None, None] * dist**2)[None]  # -a d^2: down to -1.9e6
+        out = attention(qq, kk, vv, causal=True, bias=pe.AttentionBias(dense=dense))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [out.detach()] + [x.grad for x in (qq, kk, vv, w)], dense.detach()
+
+    floored_grads, dense = run()
+    floored = att._floored(pe.AttentionBias(dense=dense), dense, q, k, 8**-0.5)
+    assert floored.min() > dense.min()  # engaged
+    assert (floored.min() > -100.0) == (mult == 1.0)  # near -40 only when logits are small
+    monkeypatch.setattr(att, "_floored", lambda bias, dense, q, k, scale: dense)
+    plain_grads, _ = run()
+    for a, b in zip(floored_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6 * max(1.0, b.abs().max().item()), rtol=1e-5)
+    if mult == 1.0:  # and both equal the float64 reference
+        ref = _reference(q, k, v, dense, causal=True)
+        torch.testing.assert_close(floored_grads[0].double(), ref, atol=1e-5, rtol=1e-5)
