@@ -145,7 +145,12 @@ def _floored(bias: AttentionBias, dense: Tensor, q: Tensor, k: Tensor, scale: fl
     low, best = _prepared(bias, "flash_range", dense.dtype, dense.device, lambda b: _bias_range(dense))
     bound = float(q.detach().norm(dim=-1).amax()) * float(k.detach().norm(dim=-1).amax()) * scale
     floor = best - 2.0 * bound - 40.0
-    return dense if low >= floor else dense.clamp(min=floor)
+    if low >= floor:
+        return dense
+    raised = dense.clamp(min=floor)
+    if low == float("-inf"):  # masked keys stay masked (exp(-inf) is fast anyway)
+        raised.masked_fill_(dense == float("-inf"), float("-inf"))
+    return raised
 
 
 def _bias_range(dense: Tensor) -> tuple[float, float]:

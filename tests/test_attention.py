@@ -201,3 +201,18 @@ def test_bias_floor_changes_nothing_measurable(monkeypatch, mult):
     if mult == 1.0:  # and both equal the float64 reference
         ref = _reference(q, k, v, dense, causal=True)
         torch.testing.assert_close(floored_grads[0].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_floor_keeps_masked_keys_masked():
+    import importlib
+
+    att = importlib.import_module("poslab.attention")
+    t = 6
+    dense = torch.zeros(1, 1, t, t)
+    dense[..., 4, :2] = float("-inf")
+    dense[..., 5, :3] = -1e6
+    q, k, _ = _qkv(1, 1, t, t, 4)
+    floored = att._floored(pe.AttentionBias(dense=dense), dense, q, k, 0.5)
+    assert torch.isinf(floored[..., 4, :2]).all() and floored[..., 4, :2].lt(0).all()
+    assert floored[..., 5, :3].gt(-1e3).all()  # raised
+    torch.testing.assert_close(floored[..., 3:, 3:], dense[..., 3:, 3:])
