@@ -182,12 +182,9 @@ def _flash_forward(ctx, q, k, v, dense, scale):
 
 
 def _flash_backward(ctx, grad_out):
-    """The saved tensors, the contiguous output gradient and the flash q/k/v gradients."""
-    saved = ctx.saved_tensors
-    q, k, v, out, lse, dense = saved
-    grad_out = grad_out.contiguous()
-    grads = _flash_cpu_bwd(grad_out, q, k, v, out, lse, 0.0, True, attn_mask=dense, scale=ctx.scale)
-    return saved, grad_out, grads
+    """The flash kernel's q/k/v gradients."""
+    q, k, v, out, lse, dense = ctx.saved_tensors
+    return _flash_cpu_bwd(grad_out.contiguous(), q, k, v, out, lse, 0.0, True, attn_mask=dense, scale=ctx.scale)
 
 
 class _BandedBiasAttention(torch.autograd.Function):
@@ -210,7 +207,7 @@ class _BandedBiasAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         if not ctx.needs_input_grad[3]:
-            _, _, grads = _flash_backward(ctx, grad_out)
+            grads = _flash_backward(ctx, grad_out)
             return *grads, None, None, None, None
         q, k, v, out, lse, dense = ctx.saved_tensors
         grad_out = grad_out.contiguous()
@@ -219,7 +216,7 @@ class _BandedBiasAttention(torch.autograd.Function):
             acc = _QKVGrads(q)
         else:
             acc = None
-            _, _, grads = _flash_backward(ctx, grad_out)
+            grads = _flash_backward(ctx, grad_out)
         blocks = _score_grad_blocks(q, k, v, out, grad_out, lse, dense, ctx.scale, ctx.band, grads=acc)
         g = _band_diagonal_grad(blocks, q, ctx.band)  # (H, band)
         drel = torch.cat((g, -g.sum(-1, keepdim=True)), dim=-1) if ctx.saturates else g
@@ -245,7 +242,7 @@ class _DenseBiasAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         if not ctx.needs_input_grad[3]:
-            _, _, grads = _flash_backward(ctx, grad_out)
+            grads = _flash_backward(ctx, grad_out)
             return *grads, None, None, None
         q, k, v, out, lse, dense = ctx.saved_tensors
         grad_out = grad_out.contiguous()
