@@ -492,19 +492,20 @@ def unit_lower_inverse(a: Tensor) -> Tensor:
     return torch.cat((top, torch.cat((corner, bottom_inv), -1)), -2)
 
 
-def _path_chunks(q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | None, chunk: int):
-    """The chunk loop of :func:`path_logits_chunked`: yields ``(s, e, inter, intra)`` per
-    chunk of new tokens ``s .. e-1`` (logits against the earlier keys, and inside the chunk
-    with ``-inf`` above the diagonal) and finally ``(None, None, keys, None)`` with all keys
-    carried past the last token.
+def _path_chunk_factors(q: Tensor, k: Tensor, w: Tensor, beta: Tensor, chunk: int):
+    """Everything local to a chunk of :func:`path_logits_chunked`, for all chunks at once:
+    ``(q_back, intra, carry, k_end)`` with the chunk index in dimension 2.
 
-    Everything local to a chunk (its WY matrix ``T``, the intra-chunk logits, the queries
-    mapped back to the chunk start, its keys carried to the chunk end) is computed for all
-    chunks at once; only the carry of earlier keys runs chunk by chunk. A last, shorter
-    chunk is padded with ``w = 0, beta = 0`` (identity transforms after its real tokens)."""
+    - ``q_back`` ``(B, H, N, C, D)``: queries mapped back to their chunk start;
+    - ``intra`` ``(B, H, N, C, C)``: logits inside the chunk, ``-inf`` above the diagonal;
+    - ``carry`` ``(B, H, N, D, D)``: the chunk's whole product acting on row vectors,
+      ``k^T (I - W^T T^T W)`` (carrying s earlier keys costs s D^2, not s (2 C D + C^2)
+      through the WY factors);
+    - ``k_end`` ``(B, H, N, C, D)``: the chunk's keys carried to its end.
+
+    A last, shorter chunk is padded with ``w = 0, beta = 0`` (identity transforms after its
+    real tokens)."""
     b, h, t, d = q.shape
-    if keys is None:
-        keys = q.new_zeros(b, h, 0, d)
     c = max(1, min(chunk, t))
     n = -(-t // c)
     pad = n * c - t
@@ -522,12 +523,24 @@ def _path_chunks(q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | N
     wk = (ws @ ks.transpose(-1, -2)).tril(-1)  # (b, j): w_b.k_j, b > j
     qt = qw @ tmat
     intra = (qs @ ks.transpose(-1, -2) - qt @ wk).masked_fill(~lower, float("-inf"))
-    q_back = qs - qt @ ws  # queries mapped back to their chunk start
+    q_back = qs - qt @ ws
     tw = tmat.transpose(-1, -2) @ ws  # (B, H, N, C, D)
-    k_end = ks - wk.transpose(-1, -2) @ tw  # keys carried to their chunk end
-    # the chunk's whole product as a D x D matrix acting on row vectors: k^T (I - W^T T^T W);
-    # carrying s earlier keys then costs s D^2, not s (2 C D + C^2) through the WY factors
+    k_end = ks - wk.transpose(-1, -2) @ tw
     carry = torch.eye(d, dtype=q.dtype, device=q.device) - ws.transpose(-1, -2) @ tw
+    return q_back, intra, carry, k_end
+
+
+def _path_chunks(q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | None, chunk: int):
+    """The chunk loop of :func:`path_logits_chunked`: yields ``(s, e, inter, intra)`` per
+    chunk of new tokens ``s .. e-1`` (logits against the earlier keys, and inside the chunk
+    with ``-inf`` above the diagonal) and finally ``(None, None, keys, None)`` with all keys
+    carried past the last token. Only the carry of earlier keys runs chunk by chunk; the
+    rest is :func:`_path_chunk_factors`."""
+    b, h, t, d = q.shape
+    if keys is None:
+        keys = q.new_zeros(b, h, 0, d)
+    c = max(1, min(chunk, t))
+    q_back, intra, carry, k_end = _path_chunk_factors(q, k, w, beta, chunk)
     # unbind, not index: the backward of an index fills a full-size zero tensor per chunk
     chunks = zip(q_back.unbind(2), intra.unbind(2), carry.unbind(2), k_end.unbind(2))
     for i, (qb, intra_i, carry_i, kc_end) in enumerate(chunks):
@@ -587,7 +600,9 @@ def path_attention_chunked(
     forget: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """PaTH attention chunk by chunk: each chunk's softmax runs over the keys it can see
-    only (no future columns, half the work of softmax over full logits).
+    only (no future columns, half the work of softmax over full logits). The chunk loop is
+    one autograd function (:class:`_PathAttention`) that keeps no probabilities: its
+    backward recomputes each chunk's from the saved row log-sum-exp, as flash attention does.
 
     Args:
         q, k, w, beta, keys, chunk: as :func:`path_logits_chunked`; logits are multiplied by ``scale``.
@@ -598,43 +613,92 @@ def path_attention_chunked(
     Returns:
         ``(out, keys)``: ``(B, H, Tq, D)`` and the carried keys.
     """
-    probs = []
-    past = 0 if keys is None else keys.shape[-2]
+    b, h, t, d = q.shape
+    if keys is None:
+        keys = q.new_zeros(b, h, 0, d)
     # logits are linear in q: scaling q scales them (one pass over q, not one over every logit)
-    for s, e, inter, intra in _path_chunks(q * scale, k, w, beta, keys, chunk):
-        if s is None:
-            return _PrefixMatmul.apply(v, *probs), inter
-        logits = torch.cat((inter, intra), -1)  # keys 0 .. past + e - 1, scaled
-        if forget is not None:
-            cum_new, cum_all = forget
-            logits = logits + cum_new[..., s:e, None] - cum_all[..., None, : past + e]
-        probs.append(logits.softmax(-1))
-    raise AssertionError("unreachable")
+    factors = _path_chunk_factors(q * scale, k, w, beta, chunk)
+    cum_new, cum_all = forget if forget is not None else (None, None)
+    return _PathAttention.apply(*factors, v, keys, cum_new, cum_all, t)
 
 
-class _PrefixMatmul(torch.autograd.Function):
-    """``cat_c(P_c @ v[:, :, :n_c])`` for row blocks ``P_c`` ``(B, H, r_c, n_c)``: one value
-    gradient buffer filled block by block (autograd would give every prefix slice of ``v``
-    its own full-size zero tensor)."""
+def _chunk_logits(qb: Tensor, keys: Tensor, intra: Tensor, forget, s: int, e: int) -> Tensor:
+    """One chunk's logits against every key it sees: ``[q_back keys^T, intra]`` (+ forget)."""
+    logits = torch.cat((qb @ keys.transpose(-1, -2), intra), -1)
+    if forget is not None:
+        cum_new, cum_all = forget
+        logits += cum_new[..., s:e, None] - cum_all[..., None, : logits.shape[-1]]
+    return logits
+
+
+class _PathAttention(torch.autograd.Function):
+    """The chunk loop of PaTH attention with a recompute backward.
+
+    Forward, chunk ``i`` (rows ``s .. e-1``, ``m`` earlier keys): ``P = softmax([q_back K_i^T,
+    intra])``, ``out = P V``, then ``K_{i+1} = [K_i carry_i; k_end]``. The carried keys
+    ``K_i`` and the row log-sum-exp are saved (``K_i`` is ``D / C`` of the size of the
+    probabilities). Backward walks the chunks in reverse, recomputes ``P`` and returns the
+    gradients of the per-chunk factors; the keys' gradient flows back through the carries
+    (``dK_i = dK_{i+1}[:m] carry_i^T + dS_inter^T q_back``, ``dcarry_i = K_i^T dK_{i+1}[:m]``).
+    """
 
     @staticmethod
-    def forward(ctx, v, *probs):  # noqa: D102
-        ctx.save_for_backward(v, *probs)
-        return torch.cat([p @ v[:, :, : p.shape[-1]] for p in probs], -2)
+    def forward(ctx, q_back, intra, carry, k_end, v, keys, cum_new, cum_all, t):  # noqa: D102
+        c = q_back.shape[3]
+        forget = (cum_new, cum_all) if cum_new is not None else None
+        outs, lses, saved = [], [], []
+        for i in range(q_back.shape[2]):
+            s, e = i * c, min((i + 1) * c, t)
+            r = e - s
+            logits = _chunk_logits(q_back[:, :, i, :r], keys, intra[:, :, i, :r, :r], forget, s, e)
+            top = logits.amax(-1, keepdim=True)  # finite: every row sees its own key
+            p = logits.sub_(top).exp_()
+            total = p.sum(-1, keepdim=True)
+            outs.append((p @ v[:, :, : p.shape[-1]]).div_(total))
+            lses.append(total.log_().add_(top))
+            saved.append(keys)
+            keys = torch.cat((keys @ carry[:, :, i], k_end[:, :, i, :r]), -2)
+        out = torch.cat(outs, -2)
+        ctx.save_for_backward(q_back, intra, carry, v, cum_new, cum_all, out, torch.cat(lses, -2), *saved)
+        ctx.t = t
+        return out, keys
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # noqa: D102
-        v, *probs = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_keys):  # noqa: D102
+        q_back, intra, carry, v, cum_new, cum_all, out, lse, *saved = ctx.saved_tensors
+        t, c = ctx.t, q_back.shape[3]
+        forget = (cum_new, cum_all) if cum_new is not None else None
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        total = saved[0].shape[-2] + t
+        g = grad_keys if grad_keys is not None else v.new_zeros(v.shape[0], v.shape[1], total, v.shape[-1])
+        dq_back, dintra, dcarry = torch.zeros_like(q_back), torch.zeros_like(intra), torch.zeros_like(carry)
+        dk_end = torch.zeros_like(q_back)
         dv = torch.zeros_like(v)
-        dprobs, row = [], 0
-        for p in probs:
-            g = grad_out[:, :, row : row + p.shape[-2]]
-            row += p.shape[-2]
-            n = p.shape[-1]
-            dv[:, :, :n] += p.transpose(-1, -2) @ g
-            dprobs.append(g @ v[:, :, :n].transpose(-1, -2))
-        return (dv, *dprobs)
+        d_new = torch.zeros_like(cum_new) if forget is not None else None
+        d_all = torch.zeros_like(cum_all) if forget is not None else None
+        delta = (grad_out * out).sum(-1, keepdim=True)
+        for i in range(q_back.shape[2] - 1, -1, -1):
+            s, e = i * c, min((i + 1) * c, t)
+            r, keys = e - s, saved[i]
+            m = keys.shape[-2]
+            qb = q_back[:, :, i, :r]
+            p = _chunk_logits(qb, keys, intra[:, :, i, :r, :r], forget, s, e).sub_(lse[:, :, s:e]).exp_()
+            go = grad_out[:, :, s:e]
+            dv[:, :, : m + r] += p.transpose(-1, -2) @ go
+            ds = (go @ v[:, :, : m + r].transpose(-1, -2)).sub_(delta[:, :, s:e]).mul_(p)
+            if forget is not None:
+                d_new[..., s:e] += ds.sum(-1)
+                d_all[..., : m + r] -= ds.sum(-2)
+            inter = ds[..., :m]
+            dq_back[:, :, i, :r] = inter @ keys
+            dintra[:, :, i, :r, :r] = ds[..., m:]
+            dk_end[:, :, i, :r] = g[:, :, m : m + r]
+            g_prev = g[:, :, :m]
+            dcarry[:, :, i] = keys.transpose(-1, -2) @ g_prev
+            g = g_prev @ carry[:, :, i].transpose(-1, -2) + inter.transpose(-1, -2) @ qb
+        return dq_back, dintra, dcarry, dk_end, dv, g, d_new, d_all, None
 
 
 class _PathCore(nn.Module):

@@ -429,6 +429,24 @@ def test_path_chunked_gradcheck():
     assert torch.autograd.gradcheck(finite, (q, k, w, b))
 
 
+@pytest.mark.parametrize("forget", [False, True])
+def test_path_attention_gradcheck_with_carried_keys(forget):
+    """The recompute backward of the chunk loop, every input: past keys and their carry, a
+    last chunk shorter than the rest, forget gates, and a gradient into the carried keys."""
+    q, k, w, b = (x.requires_grad_() for x in _path_inputs(7, b=1, h=2, d=3))
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(1, 2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 11, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    cum_all = torch.randn(1, 2, 11, generator=g, dtype=torch.float64).cumsum(-1).requires_grad_()
+    inputs = (q, k, w, b, keys, v) + ((cum_all,) if forget else ())
+
+    def attend(q, k, w, b, keys, v, *cum):
+        gates = (cum[0][..., 4:], cum[0]) if cum else None
+        return path_attention_chunked(q, k, v, w, b, 0.7, keys, 3, gates)
+
+    assert torch.autograd.gradcheck(attend, inputs)
+
+
 def _path_model(**params):
     torch.manual_seed(0)
     return Transformer(vocab_size=20, d_model=16, num_layers=2, num_heads=2, pe="path", pe_params=params)
