@@ -447,6 +447,31 @@ def test_path_attention_gradcheck_with_carried_keys(forget):
     assert torch.autograd.gradcheck(attend, inputs)
 
 
+def test_path_attention_keeps_no_probabilities_for_the_backward():
+    """What training saves grows with T^2 only through the carried keys (D / 2C per T^2),
+    not through the chunks' probabilities (1/2 per T^2, or more with the logits)."""
+    d, c = 8, 16
+
+    def saved_floats(t):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 1, t, d, generator=g, requires_grad=True) for _ in range(3))
+        w = torch.nn.functional.normalize(torch.randn(1, 1, t, d, generator=g), dim=-1).requires_grad_()
+        b = torch.rand(1, 1, t, generator=g).requires_grad_()
+        seen = {}
+
+        def pack(x):
+            seen[(x.data_ptr(), x.shape, x.stride())] = x.numel()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            path_attention_chunked(q, k, v, w, b, 0.3, None, c)
+        return sum(seen.values())
+
+    # the linear terms cancel in S(2T) - 2 S(T), leaving the T^2 coefficient times 2 T^2
+    quadratic = (saved_floats(512) - 2 * saved_floats(256)) / (2 * 256**2)
+    assert quadratic <= d / (2 * c) + 0.01, quadratic
+
+
 def _path_model(**params):
     torch.manual_seed(0)
     return Transformer(vocab_size=20, d_model=16, num_layers=2, num_heads=2, pe="path", pe_params=params)
