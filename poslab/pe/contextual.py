@@ -539,8 +539,8 @@ def _path_chunks(q: Tensor, k: Tensor, w: Tensor, beta: Tensor, keys: Tensor | N
     b, h, t, d = q.shape
     if keys is None:
         keys = q.new_zeros(b, h, 0, d)
-    c = max(1, min(chunk, t))
     q_back, intra, carry, k_end = _path_chunk_factors(q, k, w, beta, chunk)
+    c = q_back.shape[3]  # the chunk length the factors used
     # unbind, not index: the backward of an index fills a full-size zero tensor per chunk
     chunks = zip(q_back.unbind(2), intra.unbind(2), carry.unbind(2), k_end.unbind(2))
     for i, (qb, intra_i, carry_i, kc_end) in enumerate(chunks):
