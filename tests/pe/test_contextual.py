@@ -395,6 +395,30 @@ def test_path_attention_by_chunks_equals_softmax_of_the_reference_with_gradients
     torch.testing.assert_close(tail, want[:, :, 13:].detach(), atol=1e-12, rtol=1e-10)
 
 
+def test_path_fox_with_closed_forget_gates_stays_finite_in_float32():
+    """Gates near 0 (ln sigmoid of -40 per token) push the far logits to about -40 x distance;
+    the chunk loop and its recompute backward must underflow those to 0, never to NaN."""
+    gate = torch.nn.functional.logsigmoid(torch.full((2, 3, 19), -40.0, dtype=torch.float64))
+    gate[..., ::5] = 0.0  # some open gates, so rows see more than their own key
+    cum = gate.cumsum(-1)
+
+    def dense(q, k, w, b, v):
+        logits = path_logits_reference(q, k, w, b) * 0.5 + cum[..., :, None] - cum[..., None, :]
+        return logits.softmax(-1) @ v
+
+    exact = [x.requires_grad_() for x in (*_path_inputs(19), torch.randn(2, 3, 19, 4, dtype=torch.float64))]
+    want = dense(*exact)
+    grads_want = torch.autograd.grad(want.square().sum(), exact)
+    single = [x.detach().float().requires_grad_() for x in exact]
+    q, k, w, b, v = single
+    got, _ = path_attention_chunked(q, k, v, w, b, 0.5, None, 4, (cum.float(), cum.float()))
+    grads = torch.autograd.grad(got.square().sum(), single)
+    assert torch.isfinite(got).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(got.double(), want.detach(), atol=2e-4, rtol=1e-3)
+    for g, r in zip(grads, grads_want):
+        torch.testing.assert_close(g.double(), r, atol=2e-3, rtol=1e-2)
+
+
 def test_unit_lower_inverse_inverts_at_every_size():
     for n in (1, 2, 3, 7, 16, 33):
         a = torch.randn(2, n, n, dtype=torch.float64).tril(-1) + torch.eye(n, dtype=torch.float64)
