@@ -87,6 +87,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "task": task,
                 "pe": pe,
                 "label": setting_label(recs[0]["config"]),
+                "setting": _setting(recs[0]["config"]),
                 "curve_metric": measure,
                 "ood_answer_em": _mean_std(answers),
                 "seeds": [r["_seed"] for r in recs],
@@ -105,7 +106,27 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "loss_curves": [r["train"]["loss_curve"] for r in recs if r.get("train", {}).get("loss_curve")],
             }
         )
+    _tell_apart(rows)
     return rows
+
+
+def _setting(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "seed"}
+
+
+def _tell_apart(rows: list[dict[str, Any]]) -> None:
+    """Rows of one task whose labels collide (same encoding, other steps, lr, width...) get
+    the fields that differ between them: ``learned (steps=12000)``."""
+    by_label: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        by_label[(row["task"], row["label"])].append(row)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        keys = sorted({k for row in same for k in row["setting"]})
+        differ = [k for k in keys if len({repr(row["setting"].get(k)) for row in same}) > 1]
+        for row in same:
+            row["label"] += " (" + ", ".join(f"{k}={row['setting'].get(k)}" for k in differ) + ")"
 
 
 def _fmt(ms: tuple[float, float]) -> str:

@@ -73,6 +73,14 @@ def test_rows_are_labelled_by_what_sets_them_apart_and_keep_answer_em():
     assert "learned + coupled(max_pos=32) | 2 |" in table
 
 
+def test_rows_with_the_same_label_show_the_fields_that_differ():
+    records = [_record(s, 0.1) for s in (0, 1)] + [_record(s, 0.2, steps=12) for s in (0, 1)]
+    records += [_record(0, 0.3, pe="rope", lr=0.01)]  # a label of its own keeps it plain
+    rows = aggregate(records)
+    assert sorted(r["label"] for r in rows) == ["learned (steps=12)", "learned (steps=5)", "rope"]
+    assert "| copy_rsc | learned (steps=12) | 2 |" in markdown_table(rows)
+
+
 def test_encoder_tasks_plot_token_accuracy():
     rows = aggregate([_record(0, 0.0, task="parity_check")])
     assert rows[0]["curve_metric"] == "token_accuracy" and rows[0]["curve"][3] == [0.25]
