@@ -69,6 +69,7 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "positions": args.positions,
         "attention": args.attention,
         "test_task": args.test_task,
+        "train_data": args.train_data,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
     for flag, field, items in (
@@ -356,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention-param", action="append", metavar="NAME=VALUE", help="kernelized attention parameter, repeatable"
     )
     p.add_argument("--steps", type=int)
+    p.add_argument(
+        "--train-data",
+        choices=["pool", "fresh"],
+        help="pool (default): a generated training set; fresh: a new batch every step (the Chomsky suite's protocol)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -431,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-grid", type=int)
     p.add_argument("--test-grids", help="comma-separated grid sizes, e.g. 4,6,8")
     p.add_argument("--steps", type=int)
+    p.add_argument(
+        "--train-data",
+        choices=["pool", "fresh"],
+        help="pool (default): a generated training set; fresh: a new batch every step (the Chomsky suite's protocol)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print the whole record")
     p.add_argument("--no-progress", action="store_true")

@@ -10,7 +10,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -70,7 +70,13 @@ class RunConfig(BaseModel):
     num_heads: int = Field(4, gt=0)
     d_ff: int | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    train_examples: int = Field(20000, gt=0, description="size of the generated training set")
+    train_examples: int = Field(20000, gt=0, description="size of the generated training set (train_data pool)")
+    train_data: Literal["pool", "fresh"] = Field(
+        "pool",
+        description="pool: train_examples generated once, batches drawn from them; fresh: every step "
+        "generates a new batch, all of one length drawn uniformly from train_length (the Chomsky "
+        "suite's protocol)",
+    )
     test_per_length: int = Field(50, gt=0, description="test examples per evaluated length")
     eval_batch_size: int = Field(256, gt=0)
 
@@ -165,6 +171,7 @@ class RunConfig(BaseModel):
         "attention": "softmax",
         "attention_params": {},
         "test_task": None,
+        "train_data": "pool",
     }
 
     def canonical(self) -> dict[str, Any]:

@@ -50,7 +50,8 @@ def make_splits(config: RunConfig) -> Splits:
     vocab = task.vocabulary()
     lo, hi = config.train_length
     lengths = range(lo, hi + 1)
-    per_length = math.ceil(config.train_examples / len(lengths))
+    # fresh data: the pool only sizes the model's tables (the longest training sequence)
+    per_length = FRESH_SIZING if config.train_data == "fresh" else math.ceil(config.train_examples / len(lengths))
     encoder = getattr(task, "encoder", False)
     train_set = encode_examples(task.generate("train", lengths, per_length, config.data_seed), vocab, encoder)
     tlo, thi = config.test_length
@@ -60,6 +61,25 @@ def make_splits(config: RunConfig) -> Splits:
     )
     max_seq_len = max(train_set.tokens.shape[1], test_set.tokens.shape[1])
     return Splits(task, vocab, train_set, test_set, max_seq_len)
+
+
+FRESH_SIZING = 16  # examples per length generated to size the tables when batches are fresh
+
+
+def fresh_batch(config: RunConfig, splits: Splits, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Step ``step``'s batch under ``train_data="fresh"``: a length drawn uniformly from the
+    training lengths (with ``generator``), then ``batch_size`` new examples of that length,
+    seeded by (data seed, model seed, step) so that a resumed run sees the same batches."""
+    lo, hi = config.train_length
+    ell = lo + int(torch.randint(0, hi - lo + 1, (1,), generator=generator))
+    examples = splits.task.generate(f"fresh/{config.seed}/{step}", [ell], config.batch_size, config.data_seed)
+    encoded = encode_examples(examples, splits.vocab, getattr(splits.task, "encoder", False))
+    if encoded.tokens.shape[1] > splits.max_seq_len:
+        raise ValueError(
+            f"a fresh training batch at length {ell} has {encoded.tokens.shape[1]} tokens, more than the "
+            f"{splits.max_seq_len} the model was sized for; use train_data='pool' for task {config.task!r}"
+        )
+    return encoded.batch(torch.arange(len(encoded)))
 
 
 def build_model(config: RunConfig, vocab_size: int, max_seq_len: int, causal: bool = True) -> Transformer:
@@ -265,8 +285,10 @@ def train(
     )
     n = len(splits.train)
     for step in range(start, config.steps):
-        idx = torch.randint(0, n, (config.batch_size,), generator=gen)
-        inputs, labels = splits.train.batch(idx)
+        if config.train_data == "fresh":
+            inputs, labels = fresh_batch(config, splits, step, gen)
+        else:
+            inputs, labels = splits.train.batch(torch.randint(0, n, (config.batch_size,), generator=gen))
         ids = position_ids(config, inputs, training=True, generator=gen, vocab=splits.vocab)
         ids, span, shifted = shift_ids(model.pe, ids, inputs.shape[1], gen, inputs.device)
         logits = model(inputs, position_ids=ids)

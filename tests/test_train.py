@@ -3,6 +3,7 @@ import torch
 
 from poslab import train as train_mod
 from poslab.config import RunConfig
+from poslab.data import PAD
 from poslab.train import NonFiniteLossError, make_splits, train
 
 TINY = dict(
@@ -27,8 +28,9 @@ def test_training_is_deterministic():
     assert train(RunConfig.create(**{**TINY, "seed": 1}), progress=False).losses != a.losses
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
-    cfg = RunConfig.create(**TINY)
+@pytest.mark.parametrize("data", ["pool", "fresh"])
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, data):
+    cfg = RunConfig.create(**TINY, train_data=data)
     full = train(cfg, progress=False)
     part = train(cfg, checkpoint_dir=tmp_path, progress=False, stop_after=9)
     assert len(part.losses) == 9 and (tmp_path / "model.safetensors").exists()
@@ -137,3 +139,39 @@ def test_test_task_draws_the_test_set_from_another_task():
     cross = make_splits(RunConfig.create(**base, test_task="flip_flop_sparse"))
     assert torch.equal(same.train.tokens, cross.train.tokens)  # training data unchanged
     assert not torch.equal(same.test.tokens, cross.test.tokens)
+
+
+def test_fresh_data_draws_a_new_batch_of_one_training_length_every_step(monkeypatch):
+    cfg = RunConfig.create(
+        **{**TINY, "task": "odds_first", "train_length": "3:12", "batch_size": 16}, train_data="fresh"
+    )
+    splits = make_splits(cfg)
+    assert len(splits.train) == 10 * train_mod.FRESH_SIZING  # only sizes the tables
+    seen, lengths = [], []
+    real = train_mod.fresh_batch
+
+    def spy(config, splits, step, generator):
+        inputs, labels = real(config, splits, step, generator)
+        seen.append(inputs)
+        return inputs, labels
+
+    monkeypatch.setattr(train_mod, "fresh_batch", spy)
+    train(cfg, splits, progress=False)
+    assert len(seen) == cfg.steps
+    for inputs in seen:
+        assert not (inputs == PAD).any()  # one length per batch, as in the suite's code
+        lengths.append(inputs.shape[1] // 2)  # odds first: l symbols, then l blanks
+    assert all(3 <= ell <= 12 for ell in lengths) and len(set(lengths)) >= 5
+    rows = {tuple(r.tolist()) for inputs in seen for r in inputs}
+    pool = {tuple(r.tolist()) for r in splits.train.tokens}
+    assert len(rows) > 0.6 * cfg.steps * cfg.batch_size  # new strings, not a pool reused
+    assert not rows <= pool
+
+
+def test_fresh_data_keeps_earlier_run_ids_and_names_bad_values():
+    from poslab.config import ConfigError
+
+    assert RunConfig.create(**TINY, train_data="pool").run_id() == RunConfig.create(**TINY).run_id()
+    assert RunConfig.create(**TINY, train_data="fresh").run_id() != RunConfig.create(**TINY).run_id()
+    with pytest.raises(ConfigError, match="train_data.*'pool' or 'fresh'.*stream"):
+        RunConfig.create(**TINY, train_data="stream")
