@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/pe_overhead.py                      # T = 64, 256, 1024
     python benchmarks/pe_overhead.py --lengths 1024 --rounds 3 --pe rope alibi t5
+    python benchmarks/pe_overhead.py --lengths 1024 --pe path path_fox   # PaTH with forget gates
 
 Prints one JSON object.
 """
@@ -50,20 +51,25 @@ TARGETS = {
     "dynamic_bias": 1.4,
     "cope": 3.0,
     "path": 3.0,
+    "path_fox": 3.0,
 }
+# Timed settings of an encoding beside its default: name -> (encoding, parameters)
+VARIANTS = {"path_fox": ("path", {"forget_gate": True})}
 # Targets against another encoding than NoPE: name -> (baseline, ratio)
 TARGETS_VS = {"seqpe": ("learned", 1.3)}
 # x-transformers refuses attn_flash with its T5 bias and CoPE; those use its default attention.
 XT_NO_FLASH = {"t5", "cope"}
 
 
-def poslab_model(pe: str, length: int, args) -> torch.nn.Module:
+def poslab_model(name: str, length: int, args) -> torch.nn.Module:
+    pe, params = VARIANTS.get(name, (name, {}))
     return Transformer(
         vocab_size=VOCAB,
         d_model=args.d_model,
         num_layers=args.layers,
         num_heads=args.heads,
         pe=pe,
+        pe_params=params,
         max_seq_len=max(length, 2048),
     )
 
@@ -115,7 +121,9 @@ def make_step(model: torch.nn.Module, length: int, batch: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
-    ap.add_argument("--pe", nargs="+", default=None, help="encodings (default: all)")
+    ap.add_argument(
+        "--pe", nargs="+", default=None, help=f"encodings, or the settings {', '.join(VARIANTS)} (default: all)"
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -127,7 +135,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    encodings = args.pe or pe_lib.names()
+    encodings = args.pe or [*pe_lib.names(), *VARIANTS]
+    unknown = [n for n in encodings if n not in pe_lib.names() and n not in VARIANTS]
+    if unknown:
+        ap.error(f"--pe: unknown {', '.join(unknown)}; valid: {', '.join([*pe_lib.names(), *VARIANTS])}")
     if "nope" not in encodings:
         encodings = ["nope", *encodings]
     for name, (baseline, _) in TARGETS_VS.items():
