@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from poslab.attention import attention, causal_mask
+from poslab.attention import _EXP_FLOOR, attention, causal_mask
 from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Site, check_int, register
 
 __all__ = [
@@ -618,17 +618,28 @@ def path_attention_chunked(
         keys = q.new_zeros(b, h, 0, d)
     # logits are linear in q: scaling q scales them (one pass over q, not one over every logit)
     factors = _path_chunk_factors(q * scale, k, w, beta, chunk)
-    cum_new, cum_all = forget if forget is not None else (None, None)
-    return _PathAttention.apply(*factors, v, keys, cum_new, cum_all, t)
+    # the new tokens' own gates F_i shift whole rows, which softmax ignores: only F_j enters
+    return _PathAttention.apply(*factors, v, keys, forget[1] if forget is not None else None, t)
 
 
-def _chunk_logits(qb: Tensor, keys: Tensor, intra: Tensor, forget, s: int, e: int) -> Tensor:
-    """One chunk's logits against every key it sees: ``[q_back keys^T, intra]`` (+ forget)."""
+def _chunk_logits(qb: Tensor, keys: Tensor, intra: Tensor, cum_all: Tensor | None) -> Tensor:
+    """One chunk's logits against every key it sees: ``[q_back keys^T, intra]``, minus the
+    keys' cumulative log forget gates ``F_j`` (PaTH-FoX). The queries' ``F_i`` is left out:
+    it is constant along each row, so no softmax (and no gradient) depends on it."""
     logits = torch.cat((qb @ keys.transpose(-1, -2), intra), -1)
-    if forget is not None:
-        cum_new, cum_all = forget
-        logits += cum_new[..., s:e, None] - cum_all[..., None, : logits.shape[-1]]
+    if cum_all is not None:
+        logits.sub_(cum_all[..., None, : logits.shape[-1]])
     return logits
+
+
+def _chunk_probs(logits: Tensor, shift: Tensor, r: int) -> Tensor:
+    """``exp(logits - shift)`` in place, arguments floored where ``exp`` underflows (CPU ``exp``
+    takes a slow path below it, and closed forget gates put many logits there); the floor
+    changes no probability by more than ``exp(floor)``, and the chunk's future (the upper
+    triangle of its last ``r`` columns) is zeroed after it."""
+    p = logits.sub_(shift).clamp_(min=_EXP_FLOOR.get(logits.dtype, -87.0)).exp_()
+    p[..., -r:].masked_fill_(~causal_mask(r, r, p.device), 0.0)
+    return p
 
 
 class _PathAttention(torch.autograd.Function):
@@ -643,32 +654,30 @@ class _PathAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_back, intra, carry, k_end, v, keys, cum_new, cum_all, t):  # noqa: D102
+    def forward(ctx, q_back, intra, carry, k_end, v, keys, cum_all, t):  # noqa: D102
         c = q_back.shape[3]
-        forget = (cum_new, cum_all) if cum_new is not None else None
         outs, lses, saved = [], [], []
         for i in range(q_back.shape[2]):
             s, e = i * c, min((i + 1) * c, t)
             r = e - s
-            logits = _chunk_logits(q_back[:, :, i, :r], keys, intra[:, :, i, :r, :r], forget, s, e)
+            logits = _chunk_logits(q_back[:, :, i, :r], keys, intra[:, :, i, :r, :r], cum_all)
             top = logits.amax(-1, keepdim=True)  # finite: every row sees its own key
-            p = logits.sub_(top).exp_()
+            p = _chunk_probs(logits, top, r)
             total = p.sum(-1, keepdim=True)
             outs.append((p @ v[:, :, : p.shape[-1]]).div_(total))
             lses.append(total.log_().add_(top))
             saved.append(keys)
             keys = torch.cat((keys @ carry[:, :, i], k_end[:, :, i, :r]), -2)
         out = torch.cat(outs, -2)
-        ctx.save_for_backward(q_back, intra, carry, v, cum_new, cum_all, out, torch.cat(lses, -2), *saved)
+        ctx.save_for_backward(q_back, intra, carry, v, cum_all, out, torch.cat(lses, -2), *saved)
         ctx.t = t
         return out, keys
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_keys):  # noqa: D102
-        q_back, intra, carry, v, cum_new, cum_all, out, lse, *saved = ctx.saved_tensors
+        q_back, intra, carry, v, cum_all, out, lse, *saved = ctx.saved_tensors
         t, c = ctx.t, q_back.shape[3]
-        forget = (cum_new, cum_all) if cum_new is not None else None
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         total = saved[0].shape[-2] + t
@@ -676,20 +685,18 @@ class _PathAttention(torch.autograd.Function):
         dq_back, dintra, dcarry = torch.zeros_like(q_back), torch.zeros_like(intra), torch.zeros_like(carry)
         dk_end = torch.zeros_like(q_back)
         dv = torch.zeros_like(v)
-        d_new = torch.zeros_like(cum_new) if forget is not None else None
-        d_all = torch.zeros_like(cum_all) if forget is not None else None
+        d_all = torch.zeros_like(cum_all) if cum_all is not None else None
         delta = (grad_out * out).sum(-1, keepdim=True)
         for i in range(q_back.shape[2] - 1, -1, -1):
             s, e = i * c, min((i + 1) * c, t)
             r, keys = e - s, saved[i]
             m = keys.shape[-2]
             qb = q_back[:, :, i, :r]
-            p = _chunk_logits(qb, keys, intra[:, :, i, :r, :r], forget, s, e).sub_(lse[:, :, s:e]).exp_()
+            p = _chunk_probs(_chunk_logits(qb, keys, intra[:, :, i, :r, :r], cum_all), lse[:, :, s:e], r)
             go = grad_out[:, :, s:e]
             dv[:, :, : m + r] += p.transpose(-1, -2) @ go
             ds = (go @ v[:, :, : m + r].transpose(-1, -2)).sub_(delta[:, :, s:e]).mul_(p)
-            if forget is not None:
-                d_new[..., s:e] += ds.sum(-1)
+            if d_all is not None:
                 d_all[..., : m + r] -= ds.sum(-2)
             inter = ds[..., :m]
             dq_back[:, :, i, :r] = inter @ keys
@@ -698,7 +705,7 @@ class _PathAttention(torch.autograd.Function):
             g_prev = g[:, :, :m]
             dcarry[:, :, i] = keys.transpose(-1, -2) @ g_prev
             g = g_prev @ carry[:, :, i].transpose(-1, -2) + inter.transpose(-1, -2) @ qb
-        return dq_back, dintra, dcarry, dk_end, dv, g, d_new, d_all, None
+        return dq_back, dintra, dcarry, dk_end, dv, g, d_all, None
 
 
 class _PathCore(nn.Module):

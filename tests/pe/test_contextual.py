@@ -419,6 +419,21 @@ def test_path_fox_with_closed_forget_gates_stays_finite_in_float32():
         torch.testing.assert_close(g.double(), r, atol=2e-3, rtol=1e-2)
 
 
+def test_path_chunk_probabilities_never_leave_subnormal_floats_and_zero_the_future():
+    """CPU exp is slow where it underflows to subnormal floats; the chunk loop floors its
+    arguments there and keeps the chunk's future at exactly 0."""
+    from poslab.pe.contextual import _chunk_probs
+
+    logits = torch.linspace(-200.0, 0.0, 2 * 3 * 4 * 10).reshape(2, 3, 4, 10)
+    logits[..., 6:] = logits[..., 6:].masked_fill(~torch.ones(4, 4).tril().bool(), float("-inf"))
+    p = _chunk_probs(logits.clone(), torch.zeros(2, 3, 4, 1), 4)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((p > 0) & (p < tiny)).any()
+    assert (p[..., 6:][..., ~torch.ones(4, 4).tril().bool()] == 0).all()
+    seen = torch.isfinite(logits)
+    torch.testing.assert_close(p[seen], logits[seen].exp(), atol=1.01 * math.exp(-87.0), rtol=1e-6)  # the floor
+
+
 def test_unit_lower_inverse_inverts_at_every_size():
     for n in (1, 2, 3, 7, 16, 33):
         a = torch.randn(2, n, n, dtype=torch.float64).tril(-1) + torch.eye(n, dtype=torch.float64)
