@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,6 +263,13 @@ def train(
     """
     splits = splits or make_splits(config)
     check_positions(config, splits.max_seq_len)
+    if config.train_data == "pool" and getattr(splits.task, "fresh_data", False):
+        warnings.warn(
+            f"task {config.task!r} is trained on fresh batches in its source; this run draws from a pool "
+            f"of {config.train_examples} examples, which small models can memorize (train_data='fresh' "
+            "follows the source)",
+            stacklevel=2,
+        )
     torch.manual_seed(config.seed)
     model = build_model(
         config, len(splits.vocab), splits.max_seq_len, causal=not getattr(splits.task, "encoder", False)

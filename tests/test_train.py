@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -175,3 +177,13 @@ def test_fresh_data_keeps_earlier_run_ids_and_names_bad_values():
     assert RunConfig.create(**TINY, train_data="fresh").run_id() != RunConfig.create(**TINY).run_id()
     with pytest.raises(ConfigError, match="train_data.*'pool' or 'fresh'.*stream"):
         RunConfig.create(**TINY, train_data="stream")
+
+
+def test_a_pool_for_a_task_trained_fresh_in_its_source_warns():
+    chomsky = {**TINY, "task": "odds_first", "train_length": "1:4", "steps": 1}
+    with pytest.warns(UserWarning, match="odds_first.*fresh batches in its source.*train_data='fresh'"):
+        train(RunConfig.create(**chomsky), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(RunConfig.create(**chomsky, train_data="fresh"), progress=False)
+        train(RunConfig.create(**{**TINY, "steps": 1}), progress=False)  # copy: a pool in its source too

@@ -50,6 +50,7 @@ class Task:
 
     name: ClassVar[str] = ""
     suite: ClassVar[str] = ""
+    fresh_data: ClassVar[bool] = False  # the source trains on a new batch every step
     unit: ClassVar[str] = "symbols"
     min_length: ClassVar[int] = 1
     description: ClassVar[str] = ""

@@ -49,6 +49,7 @@ class ChomskyTask(Task):
 
     suite = "chomsky"
     encoder = True
+    fresh_data = True  # each step: one length, a new batch of it [code]
     input_size = 2
     classes = 2
     terminated = False  # the output ends with TERMINATOR and zero padding
