@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch import Tensor
 from torch.nn import functional as F
 
 from poslab.data import IGNORE, EncodedSet
@@ -24,6 +25,17 @@ __all__ = ["evaluate_per_length", "evaluate_answers", "summarize"]
 
 
 @torch.no_grad()
+def _batches(data: EncodedSet, batch_size: int, causal: bool) -> list[Tensor]:
+    """Row indices of each evaluation batch, similar lengths together. A bidirectional model
+    reads every key, right padding included (there is no padding mask), so its batches hold
+    rows of one token length only; a causal model never sees the padding after a row."""
+    order = torch.argsort(data.seq_len, stable=True)
+    if causal:
+        return [order[s : s + batch_size] for s in range(0, len(data), batch_size)]
+    groups = torch.split(order, torch.unique_consecutive(data.seq_len[order], return_counts=True)[1].tolist())
+    return [g[s : s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
+
+
 def evaluate_per_length(
     model, data: EncodedSet, batch_size: int = 256, position_ids=None
 ) -> dict[int, dict[str, float]]:
@@ -34,9 +46,7 @@ def evaluate_per_length(
     """
     model.eval()
     sums: dict[int, dict[str, float]] = defaultdict(lambda: {"n": 0, "em": 0, "tok": 0, "tok_n": 0, "nll": 0.0})
-    order = torch.argsort(data.seq_len, stable=True)  # similar lengths together: less padding
-    for start in range(0, len(data), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in _batches(data, batch_size, causal=getattr(model.config, "causal", True)):
         inputs, labels = data.scored_batch(idx)
         ids = position_ids(inputs) if position_ids is not None else None
         logits = model(inputs, position_ids=ids).float()

@@ -1,5 +1,8 @@
 """Per-length metrics, and teacher-forced exact match against real greedy decoding."""
 
+import dataclasses
+
+import pytest
 import torch
 
 from poslab.config import RunConfig
@@ -37,6 +40,36 @@ def test_teacher_forced_exact_match_equals_generate():
     assert 0 < sum(ems) < len(ems)  # some right, some wrong: the comparison means something
     for ell, hits in greedy.items():
         assert per_length[ell]["exact_match"] == sum(hits) / len(hits), ell
+
+
+def test_an_encoder_is_scored_on_each_length_alone():
+    """A bidirectional model attends to right padding (there is no padding mask), so scores
+    at a length must not depend on which longer rows share its batch."""
+    from poslab.data import EncodedSet
+    from poslab.model import Transformer
+
+    cfg = RunConfig.create(task="reverse_string", pe="rope", train_length="1:3", test_length="1:12", test_per_length=8)
+    splits = make_splits(cfg)
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=len(splits.vocab), d_model=32, num_layers=2, num_heads=2, causal=False, pe="rope")
+    mixed = evaluate_per_length(model, splits.test, batch_size=64)
+    for ell in (1, 5, 12):
+        rows = (splits.test.length == ell).nonzero().flatten()
+        width = int(splits.test.seq_len[rows].max())
+        alone = EncodedSet(
+            **{
+                f.name: None if getattr(splits.test, f.name) is None else getattr(splits.test, f.name)[rows]
+                for f in dataclasses.fields(EncodedSet)
+            }
+        )
+        alone.tokens, alone.outputs = alone.tokens[:, :width], alone.outputs[:, :width]  # no padding at all
+        assert evaluate_per_length(model, alone)[ell] == pytest.approx(mixed[ell], rel=1e-5), ell
+    # batches of one length, split at batch_size
+    from poslab.evaluate import _batches
+
+    batches = _batches(splits.test, 5, causal=False)
+    assert all(len(set(splits.test.seq_len[b].tolist())) == 1 and len(b) <= 5 for b in batches)
+    assert sorted(torch.cat(batches).tolist()) == list(range(len(splits.test)))
 
 
 def test_summary_buckets():
