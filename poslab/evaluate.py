@@ -24,7 +24,6 @@ from poslab.tasks.vocab import EOS
 __all__ = ["evaluate_per_length", "evaluate_answers", "summarize"]
 
 
-@torch.no_grad()
 def _batches(data: EncodedSet, batch_size: int, causal: bool) -> list[Tensor]:
     """Row indices of each evaluation batch, similar lengths together. A bidirectional model
     reads every key, right padding included (there is no padding mask), so its batches hold
@@ -36,6 +35,7 @@ def _batches(data: EncodedSet, batch_size: int, causal: bool) -> list[Tensor]:
     return [g[s : s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
 
 
+@torch.no_grad()
 def evaluate_per_length(
     model, data: EncodedSet, batch_size: int = 256, position_ids=None
 ) -> dict[int, dict[str, float]]:

@@ -64,6 +64,10 @@ def test_an_encoder_is_scored_on_each_length_alone():
         )
         alone.tokens, alone.outputs = alone.tokens[:, :width], alone.outputs[:, :width]  # no padding at all
         assert evaluate_per_length(model, alone)[ell] == pytest.approx(mixed[ell], rel=1e-5), ell
+    grad = []
+    model.register_forward_hook(lambda *_: grad.append(torch.is_grad_enabled()))
+    evaluate_per_length(model, splits.test)
+    assert grad and not any(grad)  # evaluation builds no autograd graph
     # batches of one length, split at batch_size
     from poslab.evaluate import _batches
 
