@@ -437,11 +437,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-grid", type=int)
     p.add_argument("--test-grids", help="comma-separated grid sizes, e.g. 4,6,8")
     p.add_argument("--steps", type=int)
-    p.add_argument(
-        "--train-data",
-        choices=["pool", "fresh"],
-        help="pool (default): a generated training set; fresh: a new batch every step (the Chomsky suite's protocol)",
-    )
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print the whole record")
     p.add_argument("--no-progress", action="store_true")
