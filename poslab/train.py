@@ -83,6 +83,22 @@ def fresh_batch(config: RunConfig, splits: Splits, step: int, generator: torch.G
     return encoded.batch(torch.arange(len(encoded)))
 
 
+def pool_batch(data: EncodedSet, batch_size: int, generator: torch.Generator, encoder: bool) -> tuple[Tensor, Tensor]:
+    """A training batch drawn from the pool ``data`` with ``generator``.
+
+    A decoder's rows are drawn uniformly; right padding comes after every position it predicts
+    from. An encoder attends in both directions and has no padding mask, so its batch holds
+    rows of one token length: one row is drawn uniformly and fixes the length, and the batch is
+    drawn uniformly from the rows of that length (lengths keep their share of the pool).
+    """
+    n = len(data)
+    if not encoder:
+        return data.batch(torch.randint(0, n, (batch_size,), generator=generator))
+    width = data.seq_len[torch.randint(0, n, (1,), generator=generator)]
+    rows = (data.seq_len == width).nonzero().squeeze(1)
+    return data.batch(rows[torch.randint(0, len(rows), (batch_size,), generator=generator)])
+
+
 def build_model(config: RunConfig, vocab_size: int, max_seq_len: int, causal: bool = True) -> Transformer:
     """The run's model: a decoder, or an encoder (``causal=False``) for encoder tasks."""
     max_seq_len = positions.table_size(config.positions, config.positions_params, max_seq_len)
@@ -271,9 +287,8 @@ def train(
             stacklevel=2,
         )
     torch.manual_seed(config.seed)
-    model = build_model(
-        config, len(splits.vocab), splits.max_seq_len, causal=not getattr(splits.task, "encoder", False)
-    )
+    encoder = getattr(splits.task, "encoder", False)
+    model = build_model(config, len(splits.vocab), splits.max_seq_len, causal=not encoder)
     opt, sched = make_optimizer(model, config.lr, config.weight_decay, config.steps, config.warmup)
     gen = torch.Generator().manual_seed(config.seed)
     start, losses = 0, []
@@ -291,12 +306,11 @@ def train(
         dynamic_ncols=True,
         leave=False,
     )
-    n = len(splits.train)
     for step in range(start, config.steps):
         if config.train_data == "fresh":
             inputs, labels = fresh_batch(config, splits, step, gen)
         else:
-            inputs, labels = splits.train.batch(torch.randint(0, n, (config.batch_size,), generator=gen))
+            inputs, labels = pool_batch(splits.train, config.batch_size, gen, encoder)
         ids = position_ids(config, inputs, training=True, generator=gen, vocab=splits.vocab)
         ids, span, shifted = shift_ids(model.pe, ids, inputs.shape[1], gen, inputs.device)
         logits = model(inputs, position_ids=ids)

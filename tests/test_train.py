@@ -187,3 +187,36 @@ def test_a_pool_for_a_task_trained_fresh_in_its_source_warns():
         warnings.simplefilter("error")
         train(RunConfig.create(**chomsky, train_data="fresh"), progress=False)
         train(RunConfig.create(**{**TINY, "steps": 1}), progress=False)  # copy: a pool in its source too
+
+
+def test_an_encoder_trained_on_a_pool_sees_batches_of_one_length(monkeypatch):
+    cfg = RunConfig.create(**{**TINY, "task": "odds_first", "train_length": "3:12", "batch_size": 16})
+    splits = make_splits(cfg)
+    assert len(set(splits.train.seq_len.tolist())) == 10  # the pool mixes lengths
+    seen = []
+    real = train_mod.pool_batch
+
+    def spy(data, batch_size, generator, encoder):
+        inputs, labels = real(data, batch_size, generator, encoder)
+        seen.append((encoder, inputs))
+        return inputs, labels
+
+    monkeypatch.setattr(train_mod, "pool_batch", spy)
+    with pytest.warns(UserWarning, match="fresh batches"):
+        train(cfg, splits, progress=False)
+    assert len(seen) == cfg.steps and all(encoder for encoder, _ in seen)
+    assert not any((inputs == PAD).any() for _, inputs in seen)  # no row attends to padding
+    assert len({inputs.shape[1] for _, inputs in seen}) >= 5  # every length is drawn
+    pool = {tuple(r.tolist()) for r in splits.train.tokens}
+    rows = [tuple(r.tolist()) + (PAD,) * (splits.train.tokens.shape[1] - len(r)) for _, x in seen for r in x]
+    assert set(rows) <= pool  # drawn from the pool
+
+
+def test_a_decoder_pool_batch_draws_rows_of_any_length():
+    splits = make_splits(RunConfig.create(**{**TINY, "train_length": "1:12"}))
+    gen = torch.Generator().manual_seed(0)
+    inputs, _ = train_mod.pool_batch(splits.train, 64, gen, encoder=False)
+    lengths = (inputs != PAD).sum(1)
+    assert len(set(lengths.tolist())) > 3 and (inputs == PAD).any()
+    again, _ = train_mod.pool_batch(splits.train, 64, torch.Generator().manual_seed(0), encoder=False)
+    assert torch.equal(inputs, again)
