@@ -152,14 +152,21 @@ def run_sweep(
             summary["finished"] += 1
         bar.update(1)
 
-    for config in todo:
-        store.mark_running(config.run_id(), config.canonical(), spec.name)
     if executor == "ray":
+        for config in todo:
+            store.mark_running(config.run_id(), config.canonical(), spec.name)
         _run_ray(todo, runs_dir, threads, address, record_result)
     else:
+        # one run per worker in flight: a run is marked running (with its start time) when it
+        # starts, so the table never shows queued runs as running
+        queue = list(reversed(todo))
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            pending = {pool.submit(_work, c.canonical(), str(runs_dir / c.run_id()), threads): c for c in todo}
-            while pending:
+            pending = {}
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    config = queue.pop()
+                    store.mark_running(config.run_id(), config.canonical(), spec.name)
+                    pending[pool.submit(_work, config.canonical(), str(runs_dir / config.run_id()), threads)] = config
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     config = pending.pop(fut)

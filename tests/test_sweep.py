@@ -173,3 +173,33 @@ def _sweep_files():  # sweeps have a [grid]; LM studies ([pretrain]) and ViT stu
 def test_every_example_study_expands_to_valid_runs(path):
     configs = expand(load_sweep(path))
     assert configs and len({c.run_id() for c in configs}) == len(configs)
+
+
+def test_a_local_sweep_marks_a_run_running_when_it_starts(tmp_path):
+    spec = SweepSpec(name="t", base={**BASE, "task": "copy"}, grid={"pe": ["nope", "alibi", "rope"]})
+    events = []
+
+    class Spy(ResultStore):
+        def mark_running(self, run_id, config, sweep=None):
+            events.append(("start", run_id, {r for (r,) in self._rows("running")}))
+            super().mark_running(run_id, config, sweep)
+
+        def finish(self, run_id, config, record, sweep=None):
+            events.append(("finish", run_id, None))
+            super().finish(run_id, config, record, sweep)
+
+        def _rows(self, status):
+            with self._connect() as con:
+                return con.execute("SELECT run_id FROM runs WHERE status = ?", (status,)).fetchall()
+
+    store = Spy(tmp_path / "r.sqlite")
+    summary = run_sweep(spec, store, runs_dir=tmp_path / "runs", workers=1, progress=False)
+    assert summary["finished"] == 3
+    kinds = [kind for kind, _, _ in events]
+    assert kinds == ["start", "finish"] * 3  # one worker: each run starts after the last ended
+    assert all(running == set() for kind, _, running in events if kind == "start")
+    times = sqlite3.connect(tmp_path / "r.sqlite").execute(
+        "SELECT started_at, finished_at FROM runs ORDER BY started_at"
+    )
+    times = times.fetchall()
+    assert all(later[0] >= earlier[1] for earlier, later in zip(times, times[1:]))  # true start times
