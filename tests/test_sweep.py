@@ -198,8 +198,6 @@ def test_a_local_sweep_marks_a_run_running_when_it_starts(tmp_path):
     kinds = [kind for kind, _, _ in events]
     assert kinds == ["start", "finish"] * 3  # one worker: each run starts after the last ended
     assert all(running == set() for kind, _, running in events if kind == "start")
-    times = sqlite3.connect(tmp_path / "r.sqlite").execute(
-        "SELECT started_at, finished_at FROM runs ORDER BY started_at"
-    )
-    times = times.fetchall()
+    con = sqlite3.connect(tmp_path / "r.sqlite")
+    times = con.execute("SELECT started_at, finished_at FROM runs ORDER BY started_at").fetchall()
     assert all(later[0] >= earlier[1] for earlier, later in zip(times, times[1:]))  # true start times
