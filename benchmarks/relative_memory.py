@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from poslab import pe as pe_lib
 from poslab.pe.base import AttentionContext
-from poslab.pe.contextual import skew_relative_logits
+from poslab.pe.shaw import skew_relative_logits
 
 
 def measure(t: int, h: int, d: int, enc, table, center: int, naive_max: int) -> dict:

@@ -37,7 +37,7 @@ __all__ = ["attention", "BACKENDS", "causal_mask"]
 BACKENDS = ("auto", "sdpa", "explicit")
 
 # the smallest exp argument whose result is still a normal number: float32 1.2e-38, float64 2.2e-308
-_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_cpu_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
@@ -301,7 +301,7 @@ def _score_grad_blocks(
             raise ValueError("q/k/v gradients from the score blocks need every key (band >= T)")
         q_w, k_w = (x.to(work).reshape(b * h, t, d) for x in (q, k))
         g_w = grad_out.to(work).reshape(b * h, t, d)
-    floor = _EXP_FLOOR.get(work, -87.0)
+    floor = EXP_FLOOR.get(work, -87.0)
     step = max(1, min(block, band))
     for start in range(0, t, step):
         end = min(start + step, t)

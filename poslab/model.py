@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from poslab import pe as pe_lib
 from poslab.attention import BACKENDS, attention
-from poslab.extend.masks import LOGIT_SCALES, LogitScale, keep_in_cache, window_allowed
 from poslab.kernels import kernelized as kernel_lib
 from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Rotary, Site
+from poslab.shaping import LOGIT_SCALES, LogitScale, keep_in_cache, window_allowed
 
 __all__ = ["TransformerConfig", "Transformer", "KVCache"]
 

@@ -1,216 +1,25 @@
-"""Context-window extension for RoPE models: frequency scalings (this module), with id
-transforms and attention shaping to come.
+"""Context-window extension applied to whole models.
 
-:func:`rope_frequencies` takes a Hugging Face ``rope_scaling`` / ``rope_parameters`` dict and
-returns ``(inv_freq, attention_factor)``. For the types ``transformers`` implements
-(``default``, ``linear``, ``dynamic``, ``yarn``, ``longrope``, ``llama3``) the numbers equal
-``transformers``' own functions (same float32 operations, tested); poslab adds ``ntk``
-(static NTK-aware base change), ``abf`` (a new base), ``giraffe_power`` and
-``giraffe_truncated`` (Giraffe), and ``resonance = True`` on any type rounds every
-wavelength to an integer (Resonance RoPE). ``attention_factor`` multiplies cos and sin, so
-rotated logits are multiplied by its square. methods.md section 6 gives the formulas.
+What lives here acts on a model rather than being an encoding of one:
+:mod:`poslab.extend.hf` (training-free methods on Hugging Face ``transformers`` models),
+:mod:`poslab.extend.pose` (PoSE's skip-wise training ids) and
+:mod:`poslab.extend.longrope_search` (LongRoPE's search over per-frequency factors).
+
+The RoPE-scaling registry lives in :mod:`poslab.pe.rope_scaling` and the remapping encodings
+(Self-Extend, STRING, LM-Infinite, StreamingLLM, Ms-PoE) in :mod:`poslab.pe.remap`; both are
+re-exported here, where users of context extension look for them.
 """
 
-from __future__ import annotations
+from poslab.pe.remap import LMInfinite, MsPoE, SelfExtend, StreamingLLM, StringRoPE
+from poslab.pe.rope_scaling import ROPE_TYPES, RopeScalingError, rope_frequencies
 
-import math
-from collections.abc import Callable
-from typing import Any
-
-import torch
-from torch import Tensor
-
-from poslab.pe.functional import resonance_inv_freq
-
-__all__ = ["rope_frequencies", "ROPE_TYPES", "RopeScalingError"]
-
-
-class RopeScalingError(ValueError):
-    """A ``rope_scaling`` dict that cannot be used; the message names the key and what is allowed."""
-
-
-def _base_inv_freq(base: float, dim: int) -> Tensor:
-    """``1 / base^(2i/dim)`` in float32, computed as ``transformers`` does."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
-
-
-def _require(cfg: dict, key: str, rope_type: str) -> Any:
-    if cfg.get(key) is None:
-        raise RopeScalingError(f"rope_scaling type {rope_type!r} needs key {key!r} (given keys: {sorted(cfg)})")
-    return cfg[key]
-
-
-def _factor(cfg: dict, rope_type: str, required: bool = True, default: float | None = None) -> float | None:
-    factor = cfg.get("factor")
-    if factor is None:
-        if required:
-            _require(cfg, "factor", rope_type)
-        return default
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
-        raise RopeScalingError(f"rope_scaling factor must be a number >= 1 (extension only), got {factor!r}")
-    return float(factor)
-
-
-def _default(cfg, dim, base, max_pos, seq_len):
-    return _base_inv_freq(base, dim), 1.0
-
-
-def _linear(cfg, dim, base, max_pos, seq_len):
-    return _base_inv_freq(base, dim) / _factor(cfg, "linear"), 1.0
-
-
-def _dynamic(cfg, dim, base, max_pos, seq_len):
-    factor = _factor(cfg, "dynamic")
-    seq_len = max_pos if seq_len is None else max(seq_len, max_pos)
-    base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
-    return _base_inv_freq(base, dim), 1.0
-
-
-def _ntk(cfg, dim, base, max_pos, seq_len):
-    factor = _factor(cfg, "ntk")
-    return _base_inv_freq(base * factor ** (dim / (dim - 2)), dim), 1.0
-
-
-def _abf(cfg, dim, base, max_pos, seq_len):
-    return _base_inv_freq(float(_require(cfg, "rope_theta", "abf")), dim), 1.0
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _yarn(cfg, dim, base, max_pos, seq_len):
-    original = _require(cfg, "original_max_position_embeddings", "yarn")
-    factor = _factor(cfg, "yarn", required=False, default=max_pos / original)
-    attention = cfg.get("attention_factor")
-    if attention is None:
-        mscale, mscale_all = cfg.get("mscale"), cfg.get("mscale_all_dim")
-        if mscale and mscale_all:
-            attention = float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all))
-        else:
-            attention = _yarn_mscale(factor)
-    beta_fast, beta_slow = cfg.get("beta_fast") or 32, cfg.get("beta_slow") or 1
-
-    def dim_for(rotations: float) -> float:  # the pair index whose wavelength is original / rotations
-        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = dim_for(beta_fast), dim_for(beta_slow)
-    if cfg.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # no singular ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
-    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
-    keep = 1 - ramp  # 1: the pair keeps its frequency (high frequencies), 0: interpolated
-    return interpolation * (1 - keep) + extrapolation * keep, attention
-
-
-def _longrope(cfg, dim, base, max_pos, seq_len):
-    original = _require(cfg, "original_max_position_embeddings", "longrope")
-    long_factor, short_factor = _require(cfg, "long_factor", "longrope"), _require(cfg, "short_factor", "longrope")
-    for key, vec in (("long_factor", long_factor), ("short_factor", short_factor)):
-        if len(vec) != dim // 2:
-            raise RopeScalingError(f"rope_scaling {key} must have {dim // 2} entries (one per pair), got {len(vec)}")
-    factor = _factor(cfg, "longrope", required=False, default=max_pos / original)
-    attention = cfg.get("attention_factor")
-    if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    chosen = long_factor if seq_len and seq_len > original else short_factor
-    ext = torch.tensor(chosen, dtype=torch.float32)
-    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    return 1.0 / (ext * base**shape), attention
-
-
-def _llama3(cfg, dim, base, max_pos, seq_len):
-    factor = _factor(cfg, "llama3")
-    low_freq = _require(cfg, "low_freq_factor", "llama3")
-    high_freq = _require(cfg, "high_freq_factor", "llama3")
-    old = _require(cfg, "original_max_position_embeddings", "llama3")
-    inv_freq = _base_inv_freq(base, dim)
-    low_wavelen, high_wavelen = old / low_freq, old / high_freq
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old / wavelen - low_freq) / (high_freq - low_freq)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled), 1.0
-
-
-def _giraffe_power(cfg, dim, base, max_pos, seq_len):
-    k = float(_require(cfg, "power", "giraffe_power"))
-    i = torch.arange(0, dim, 2, dtype=torch.float32)
-    return _base_inv_freq(base, dim) * (1 - i / dim) ** k, 1.0
-
-
-def _giraffe_truncated(cfg, dim, base, max_pos, seq_len):
-    cutoff = float(_require(cfg, "cutoff", "giraffe_truncated"))
-    a_hi = 2 * math.pi / cutoff
-    rho = float(cfg.get("rho", a_hi / 16))
-    inv_freq = _base_inv_freq(base, dim)
-    out = torch.where(inv_freq >= a_hi, inv_freq, torch.full_like(inv_freq, rho))
-    return torch.where(inv_freq < a_hi / 8, torch.zeros_like(inv_freq), out), 1.0
-
-
-ROPE_TYPES: dict[str, Callable] = {
-    "default": _default,
-    "linear": _linear,
-    "dynamic": _dynamic,
-    "yarn": _yarn,
-    "longrope": _longrope,
-    "llama3": _llama3,
-    "ntk": _ntk,
-    "abf": _abf,
-    "giraffe_power": _giraffe_power,
-    "giraffe_truncated": _giraffe_truncated,
-}
-
-
-def rope_frequencies(
-    rope_scaling: dict | None,
-    head_dim: int,
-    base: float,
-    max_position_embeddings: int,
-    seq_len: int | None = None,
-) -> tuple[Tensor, float]:
-    """Inverse frequencies and attention factor for a ``rope_scaling`` dict.
-
-    Args:
-        rope_scaling: a Hugging Face ``rope_scaling`` / ``rope_parameters`` dict (``rope_type``
-            or the older ``type``; ``rope_theta`` and ``partial_rotary_factor`` inside it
-            override ``base`` and the full rotation), a poslab type, or ``None`` for plain RoPE.
-            ``resonance: true`` rounds every wavelength to an integer afterwards.
-        head_dim: channels per head.
-        base: ``rope_theta``.
-        max_position_embeddings: the model's configured context (``dynamic`` uses it as the
-            original length; ``yarn`` and ``longrope`` use it for a missing ``factor``).
-        seq_len: current sequence length (``dynamic``, ``longrope``).
-
-    Returns:
-        ``(inv_freq, attention_factor)``: ``inv_freq`` float32 of shape ``rotary_dim // 2``
-        (``head_dim // 2`` without a partial rotary factor).
-
-    Raises:
-        RopeScalingError: unknown type (lists the types), a missing key (names it), a factor
-            below 1, a factor vector of the wrong length.
-    """
-    cfg = dict(rope_scaling or {})
-    rope_type = cfg.get("rope_type", cfg.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise RopeScalingError(f"unknown rope_scaling type {rope_type!r}; known types: {', '.join(ROPE_TYPES)}")
-    if head_dim < 2 or head_dim % 2:
-        raise RopeScalingError(f"head_dim must be an even number >= 2, got {head_dim}")
-    if rope_type != "abf" and cfg.get("rope_theta") is not None:
-        base = float(cfg["rope_theta"])
-    if base <= 1:
-        raise RopeScalingError(f"base (rope_theta) must be > 1, got {base}")
-    if max_position_embeddings < 1:
-        raise RopeScalingError(f"max_position_embeddings must be >= 1, got {max_position_embeddings}")
-    dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
-    if dim < 2:
-        raise RopeScalingError(f"partial_rotary_factor leaves {dim} rotated channels; at least 2 are needed")
-    inv_freq, attention = ROPE_TYPES[rope_type](cfg, dim, float(base), max_position_embeddings, seq_len)
-    if cfg.get("resonance"):
-        inv_freq = resonance_inv_freq(inv_freq).to(torch.float32)
-    return inv_freq, float(attention)
+__all__ = [
+    "rope_frequencies",
+    "ROPE_TYPES",
+    "RopeScalingError",
+    "SelfExtend",
+    "StringRoPE",
+    "LMInfinite",
+    "StreamingLLM",
+    "MsPoE",
+]

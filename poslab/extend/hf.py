@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from poslab.extend import rope_frequencies
+from poslab.pe.rope_scaling import rope_frequencies
 
 __all__ = ["apply", "apply_lm_infinite", "lm_infinite_attention", "ScaledRotaryEmbedding", "SUPPORTED_MODELS"]
 

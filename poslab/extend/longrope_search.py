@@ -19,7 +19,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from poslab.extend import rope_frequencies
+from poslab.pe.rope_scaling import rope_frequencies
 
 __all__ = ["N_HAT_CHOICES", "Candidate", "SearchResult", "initial_factors", "search", "scaling_dict"]
 

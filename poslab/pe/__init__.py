@@ -3,8 +3,7 @@
 ``poslab.pe.build(name, **params)`` makes an encoding; ``poslab.pe.names()`` lists them.
 """
 
-from poslab.extend import shaping  # noqa: E402, F401  (registers the RoPE remappings)
-from poslab.pe import absolute, bias, bilevel, contextual, functional, rotary, seqpe  # noqa: F401  (registers encodings)
+from poslab.pe import absolute, bias, bilevel, cope, functional, path, remap, rotary, seqpe, shaw  # noqa: F401  (registers encodings)
 from poslab.pe.base import (
     AttentionBias,
     AttentionContext,

@@ -36,6 +36,11 @@ __all__ = [
 ]
 
 
+def work_dtype(t: Tensor) -> torch.dtype:
+    """The dtype to compute attention in for activations ``t``: at least float32."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def sinusoidal_table(positions: Tensor, dim: int, base: float = 10000.0, layout: str = "interleaved") -> Tensor:
     """Sinusoidal position features (Vaswani et al. 2017, arXiv 1706.03762).
 

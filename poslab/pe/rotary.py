@@ -8,6 +8,7 @@ from torch import Tensor
 
 from poslab.pe import functional as F
 from poslab.pe.base import PositionalEncoding, Rotary, Site, check_int, register
+from poslab.pe.rope_scaling import rope_frequencies
 
 __all__ = ["RoPE", "PRoPE", "ResonanceRoPE", "XPos", "RoPE2D"]
 
@@ -34,7 +35,7 @@ class RoPE(PositionalEncoding):
         partial_rotary_factor: fraction of each head's channels that rotate (GPT-NeoX 0.25);
             frequencies are spread over the rotated block, as in GPT-NeoX / ``transformers``.
         layout: ``"half"`` (GPT-NeoX / HF Llama) or ``"interleaved"`` (RoFormer / Meta).
-        rope_scaling: a context-extension dict for :func:`poslab.extend.rope_frequencies`
+        rope_scaling: a context-extension dict for :func:`poslab.pe.rope_scaling.rope_frequencies`
             (Hugging Face ``rope_scaling`` types and poslab's); its attention factor scales
             cos and sin. ``dynamic`` and ``longrope`` follow the current length (largest id + 1).
         max_position_embeddings: the context the scaling is configured for (its ``L'``;
@@ -89,8 +90,6 @@ class RoPE(PositionalEncoding):
         self.inv_freq = inv_freq.to(torch.float64).to(self.inv_freq.device)
 
     def _scaled(self, seq_len: int | None) -> tuple[Tensor, float]:
-        from poslab.extend import rope_frequencies
-
         return rope_frequencies(self.rope_scaling, self.rot_dim, self.base, self.max_position_embeddings, seq_len)
 
     def rotary(self, positions: Tensor, dtype: torch.dtype) -> Rotary:

@@ -1,6 +1,5 @@
 import pytest
 
-from poslab.extend.shaping import SelfExtend  # noqa: F401  (registers the encoding)
 from poslab.lm.methods import METHODS, method_encoding
 from poslab.model import Transformer
 

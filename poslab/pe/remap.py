@@ -1,5 +1,5 @@
 """Training-free remappings of RoPE distances, as encodings of poslab's models: Self-Extend,
-STRING and LM-Infinite (methods.md 5.5, 5.6, 7.1).
+STRING, LM-Infinite, StreamingLLM and Ms-PoE (methods.md 5.5, 5.6, 5.7, 7.1, 7.3).
 
 Each computes attention from two rotated copies of q and k (the ordinary one and a remapped
 one), chooses per query-key pair by a mask, and takes one softmax. Keys reach the cache

@@ -5,7 +5,7 @@ import torch
 from pydantic import ValidationError
 
 from poslab import Transformer
-from poslab.extend.masks import LogitScale, keep_in_cache, log_length_scale, visible_keys, window_allowed
+from poslab.shaping import LogitScale, keep_in_cache, log_length_scale, visible_keys, window_allowed
 
 
 def test_causal_window_rows_see_min_of_index_plus_one_and_w_keys():

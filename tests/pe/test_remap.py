@@ -164,7 +164,7 @@ def pe_lib_build_rope():
 
 def test_ms_poe_unit_ratios_are_rope_and_statistics_are_frozen_after_the_prompt(monkeypatch):
     from poslab import Transformer
-    from poslab.extend.shaping import MsPoE
+    from poslab.pe.remap import MsPoE
 
     torch.manual_seed(0)
     x = torch.randint(0, 30, (2, 30))

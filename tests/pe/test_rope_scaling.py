@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from poslab.extend import ROPE_TYPES, RopeScalingError, rope_frequencies
+from poslab.pe.rope_scaling import ROPE_TYPES, RopeScalingError, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402
