@@ -332,8 +332,7 @@ class Transformer(nn.Module):
                 if name.endswith("attn.out.weight") or name.endswith("mlp.2.weight"):
                     std /= math.sqrt(2 * self.config.num_layers)
                 nn.init.normal_(p, std=std)
-        if hasattr(self.pe, "reset_parameters"):
-            self.pe.reset_parameters()
+        self.pe.reset_parameters()
         for block in self.blocks:
             if block.attn.kernel is not None:
                 block.attn.kernel.reset_parameters()
@@ -388,7 +387,7 @@ class Transformer(nn.Module):
         else:
             position_ids = self._check_ids(position_ids, b, t)
             max_position = None
-        if hasattr(self.pe, "check_length") and max_position is not None:
+        if max_position is not None:
             self.pe.check_length(max_position)  # fail before any work
 
         sites = self.pe.sites
@@ -403,11 +402,7 @@ class Transformer(nn.Module):
         idx_k = idx_q
         if cache is not None:
             keep = None
-            policy = (
-                (self.config.window, self.config.sinks)
-                if self.config.window
-                else getattr(self.pe, "cache_window", None)
-            )
+            policy = (self.config.window, self.config.sinks) if self.config.window else self.pe.cache_window
             if policy is not None and cache.indices is not None:
                 keep = keep_in_cache(cache.indices, past, window=policy[0], sinks=policy[1])
                 if bool(keep.all()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,34 +21,78 @@ from poslab.pe.base import check_int
 from poslab.tasks.vocab import Vocabulary
 
 __all__ = [
+    "DEFAULT",
     "contiguous",
     "randomized",
     "abacus",
     "coupled",
     "bilevel",
     "register_scheme",
+    "SchemeFacts",
+    "facts",
     "scheme",
     "scheme_names",
     "scheme_parameters",
     "check_scheme",
     "table_size",
+    "contiguous_at_eval",
+    "check_cover",
     "needs_tokens",
     "position_dims",
     "digit_runs",
 ]
 
 IdScheme = Callable[..., Tensor]
+DEFAULT = "contiguous"  # the scheme a model uses when it is given no ids
 _SCHEMES: dict[str, IdScheme] = {}
 
 
-def register_scheme(name: str) -> Callable[[IdScheme], IdScheme]:
-    """Function decorator: make an id scheme available by name."""
+@dataclass(frozen=True)
+class SchemeFacts:
+    """What the rest of poslab needs to know about an id scheme, declared where it is registered.
+
+    Attributes:
+        needs_tokens: the scheme reads the batch's tokens and the task's vocabulary.
+        position_dims: ids per token: 1 (``(B, T)``) or 2 (``(B, T, 2)``).
+        token_fields: parameters that name tokens (checked against the task's vocabulary).
+        minimums: the smallest value each integer parameter may take.
+        covers: the parameter (and its default) whose ids must reach the longest evaluated
+            sequence, for schemes that spread ids over a range (``randomized``'s ``max_len``).
+        table: ``(params, longest) -> positions`` a table-based encoding must hold under the
+            scheme (default: ``longest``).
+        contiguous_at_eval: ``params -> bool``: the scheme gives ``0 .. T-1`` at evaluation
+            (so greedy generation, which uses contiguous ids, scores what was trained).
+        check: ``params -> None``, raising ``ValueError`` on values no signature can express.
+    """
+
+    needs_tokens: bool = False
+    position_dims: int = 1
+    token_fields: tuple[str, ...] = ()
+    minimums: dict[str, int] = field(default_factory=dict)
+    covers: tuple[str, int] | None = None
+    table: Callable[[dict[str, Any], int], int] | None = None
+    contiguous_at_eval: Callable[[dict[str, Any]], bool] = lambda params: False
+    check: Callable[[dict[str, Any]], None] | None = None
+
+
+_FACTS: dict[str, SchemeFacts] = {}
+
+
+def register_scheme(name: str, facts: SchemeFacts | None = None) -> Callable[[IdScheme], IdScheme]:
+    """Function decorator: make an id scheme available by name, with its :class:`SchemeFacts`."""
 
     def deco(fn: IdScheme) -> IdScheme:
         _SCHEMES[name] = fn
+        _FACTS[name] = facts or SchemeFacts()
         return fn
 
     return deco
+
+
+def facts(name: str) -> SchemeFacts:
+    """The :class:`SchemeFacts` of scheme ``name``; the error lists the valid schemes."""
+    scheme(name)
+    return _FACTS[name]
 
 
 def scheme(name: str) -> IdScheme:
@@ -63,7 +108,7 @@ def scheme_names() -> list[str]:
     return sorted(_SCHEMES)
 
 
-@register_scheme("contiguous")
+@register_scheme("contiguous", SchemeFacts(contiguous_at_eval=lambda params: True))
 def contiguous(
     batch_size: int,
     length: int,
@@ -89,7 +134,23 @@ def contiguous(
 RANDOMIZED_EVAL_MODES = ("arange", "random")
 
 
-@register_scheme("randomized")
+def _check_randomized(params: dict[str, Any]) -> None:
+    if int(params.get("max_len", 2048)) < 1:
+        raise ValueError(f"randomized: max_len must be >= 1, got {params['max_len']}")
+    mode = params.get("eval_mode", "arange")
+    if mode not in RANDOMIZED_EVAL_MODES:
+        raise ValueError(f"randomized: eval_mode={mode!r} is not one of {', '.join(map(repr, RANDOMIZED_EVAL_MODES))}")
+
+
+@register_scheme(
+    "randomized",
+    SchemeFacts(
+        covers=("max_len", 2048),
+        table=lambda params, longest: max(longest, int(params.get("max_len", 2048))),
+        contiguous_at_eval=lambda params: params.get("eval_mode", "arange") == "arange",
+        check=_check_randomized,
+    ),
+)
 def randomized(
     batch_size: int,
     length: int,
@@ -139,7 +200,14 @@ def randomized(
     return ids.to(device=device) + offset
 
 
-@register_scheme("pose")
+@register_scheme(
+    "pose",
+    SchemeFacts(
+        minimums={"target_length": 1, "chunks": 1},
+        covers=("target_length", 2048),
+        table=lambda params, longest: max(longest, int(params.get("target_length", 2048))),
+    ),
+)
 def pose(
     batch_size: int,
     length: int,
@@ -196,24 +264,14 @@ def _token_ids(scheme_name: str, field: str, values, vocab: Vocabulary | None) -
     return out
 
 
-def _needs_tokens(fn: IdScheme) -> IdScheme:
-    fn.needs_tokens = True
-    return fn
-
-
-def _two_dimensional(fn: IdScheme) -> IdScheme:
-    fn.position_dims = 2
-    return fn
-
-
 def needs_tokens(name: str) -> bool:
     """The scheme reads the batch's tokens (and the task's vocabulary)."""
-    return getattr(scheme(name), "needs_tokens", False)
+    return facts(name).needs_tokens
 
 
 def position_dims(name: str) -> int:
     """Ids per token the scheme gives: 1 (``(B, T)``) or 2 (``(B, T, 2)``)."""
-    return getattr(scheme(name), "position_dims", 1)
+    return facts(name).position_dims
 
 
 def digit_runs(tokens: Tensor, digit_ids: list[int]) -> Tensor:
@@ -224,8 +282,16 @@ def digit_runs(tokens: Tensor, digit_ids: list[int]) -> Tensor:
     return (count - reset) * is_digit
 
 
-@register_scheme("abacus")
-@_needs_tokens
+@register_scheme(
+    "abacus",
+    SchemeFacts(
+        needs_tokens=True,
+        token_fields=("digits",),
+        minimums={"max_offset": 0},
+        # a digit run is shorter than the sequence; training adds up to K
+        table=lambda params, longest: longest + int(params.get("max_offset", 100)) + 1,
+    ),
+)
 def abacus(
     batch_size: int,
     length: int,
@@ -265,8 +331,15 @@ def abacus(
     return ids.to(device=device)
 
 
-@register_scheme("coupled")
-@_needs_tokens
+@register_scheme(
+    "coupled",
+    SchemeFacts(
+        needs_tokens=True,
+        token_fields=("digits", "operators", "equals"),
+        minimums={"max_pos": 3},
+        table=lambda params, longest: max(longest, int(params.get("max_pos", 202)) + 1),
+    ),
+)
 def coupled(
     batch_size: int,
     length: int,
@@ -341,9 +414,10 @@ def coupled(
     return out.to(device=device)
 
 
-@register_scheme("bilevel")
-@_needs_tokens
-@_two_dimensional
+@register_scheme(
+    "bilevel",
+    SchemeFacts(needs_tokens=True, position_dims=2, token_fields=("separators",), minimums={"max_intra": 1}),
+)
 def bilevel(
     batch_size: int,
     length: int,
@@ -389,16 +463,6 @@ def scheme_parameters(name: str) -> list[str]:
     return [k for k, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY and k not in fixed]
 
 
-_TOKEN_FIELDS = {"abacus": ("digits",), "coupled": ("digits", "operators", "equals"), "bilevel": ("separators",)}
-_MINIMUMS = {
-    ("abacus", "max_offset"): 0,
-    ("coupled", "max_pos"): 3,
-    ("bilevel", "max_intra"): 1,
-    ("pose", "target_length"): 1,
-    ("pose", "chunks"): 1,
-}
-
-
 def check_scheme(name: str, params: dict[str, Any], vocab: Vocabulary | None = None) -> None:
     """Raise ``ValueError`` naming the scheme, the bad parameter and the valid ones.
 
@@ -411,32 +475,38 @@ def check_scheme(name: str, params: dict[str, Any], vocab: Vocabulary | None = N
         raise ValueError(
             f"unknown parameter(s) {', '.join(unknown)} for id scheme {name!r}; valid: {', '.join(valid) or '(none)'}"
         )
-    for (scheme_name, field), low in _MINIMUMS.items():
-        if scheme_name == name and field in params:
-            value = params[field]
-            check_int(name, field, value, low)
+    scheme_facts = facts(name)
+    for param, low in scheme_facts.minimums.items():
+        if param in params:
+            check_int(name, param, params[param], low)
     if vocab is not None:
-        for field in _TOKEN_FIELDS.get(name, ()):
-            default = inspect.signature(scheme(name)).parameters[field].default
-            _token_ids(name, field, params.get(field, default), vocab)
-    if name == "randomized":
-        if int(params.get("max_len", 2048)) < 1:
-            raise ValueError(f"randomized: max_len must be >= 1, got {params['max_len']}")
-        mode = params.get("eval_mode", "arange")
-        if mode not in RANDOMIZED_EVAL_MODES:
-            raise ValueError(
-                f"randomized: eval_mode={mode!r} is not one of {', '.join(map(repr, RANDOMIZED_EVAL_MODES))}"
-            )
+        for param in scheme_facts.token_fields:
+            default = inspect.signature(scheme(name)).parameters[param].default
+            _token_ids(name, param, params.get(param, default), vocab)
+    if scheme_facts.check is not None:
+        scheme_facts.check(params)
 
 
 def table_size(name: str, params: dict[str, Any], longest: int) -> int:
     """Positions a table-based encoding must hold under scheme ``name``."""
-    if name == "randomized":
-        return max(longest, int(params.get("max_len", 2048)))
-    if name == "pose":
-        return max(longest, int(params.get("target_length", 2048)))
-    if name == "abacus":  # a digit run is shorter than the sequence; training adds up to K
-        return longest + int(params.get("max_offset", 100)) + 1
-    if name == "coupled":
-        return max(longest, int(params.get("max_pos", 202)) + 1)
-    return longest
+    table = facts(name).table
+    return longest if table is None else table(params, longest)
+
+
+def contiguous_at_eval(name: str, params: dict[str, Any]) -> bool:
+    """Scheme ``name`` gives contiguous ids ``0 .. T-1`` at evaluation."""
+    return facts(name).contiguous_at_eval(params)
+
+
+def check_cover(name: str, params: dict[str, Any], longest: int) -> None:
+    """Raise ``ValueError`` when a scheme that spreads ids over a range cannot reach ``longest``."""
+    covers = facts(name).covers
+    if covers is None:
+        return
+    param, default = covers
+    cover = int(params.get(param, default))
+    if cover < longest:
+        raise ValueError(
+            f"positions_params.{param}={cover} is shorter than the longest sequence of this run "
+            f"({longest} tokens); {name} ids must cover every evaluated length"
+        )

@@ -27,10 +27,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def setting_label(cfg: dict[str, Any]) -> str:
     """The encoding and what sets the run apart from a plain one: encoding parameters, the id
     scheme, a scratchpad (``rope``, ``learned + coupled(max_pos=32)``)."""
+    from poslab import positions
+
     label = cfg["pe"]
     if cfg.get("pe_params"):
         label += "{" + ", ".join(f"{k}={v}" for k, v in sorted(cfg["pe_params"].items())) + "}"
-    if cfg.get("positions", "contiguous") != "contiguous":
+    if cfg.get("positions", positions.DEFAULT) != positions.DEFAULT:
         params = ", ".join(f"{k}={v}" for k, v in sorted(cfg.get("positions_params", {}).items()))
         label += f" + {cfg['positions']}" + (f"({params})" if params else "")
     if cfg.get("scratchpad"):

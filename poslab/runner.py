@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import poslab
+from poslab import positions
 from poslab.config import RunConfig
 from poslab.evaluate import evaluate_answers, evaluate_per_length, summarize
 from poslab.train import make_splits, position_ids, train
@@ -76,9 +77,7 @@ def execute(
             config, inputs, training=False, generator=eval_gen, vocab=splits.vocab
         ),
     )
-    contiguous_eval = config.positions == "contiguous" or (
-        config.positions == "randomized" and config.positions_params.get("eval_mode", "arange") == "arange"
-    )
+    contiguous_eval = positions.contiguous_at_eval(config.positions, config.positions_params)
     if config.scratchpad is not None and contiguous_eval:
         # the published scorer reads only the final answer of a generation (tasks.md 2.13.5);
         # generation uses contiguous ids, so schemes that read tokens are left out

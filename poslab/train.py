@@ -120,14 +120,10 @@ def build_model(config: RunConfig, vocab_size: int, max_seq_len: int, causal: bo
 
 def check_positions(config: RunConfig, longest: int) -> None:
     """Fail before training when the id scheme cannot cover the longest sequence."""
-    field = {"randomized": "max_len", "pose": "target_length"}.get(config.positions)
-    if field is not None:
-        cover = int(config.positions_params.get(field, 2048))
-        if cover < longest:
-            raise ConfigError(
-                f"positions_params.{field}={cover} is shorter than the longest sequence of this run "
-                f"({longest} tokens); {config.positions} ids must cover every evaluated length"
-            )
+    try:
+        positions.check_cover(config.positions, config.positions_params, longest)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def position_ids(
@@ -141,7 +137,7 @@ def position_ids(
 
     Schemes that read the tokens (``abacus``, ``coupled``, ``bilevel``) get ``inputs`` and
     the task's ``vocab``."""
-    if config.positions == "contiguous":
+    if config.positions == positions.DEFAULT:
         return None
     scheme = positions.scheme(config.positions)
     b, t = inputs.shape
@@ -156,7 +152,7 @@ def shift_ids(pe, ids: Tensor | None, length: int, generator: torch.Generator, d
     :meth:`~poslab.pe.seqpe.SeqPE.training_offset`): ``(ids, span, shifted)``, where ``span``
     is the extent of the unshifted 1-D ids (their largest + 1)."""
     span = length if ids is None else int(ids.max()) + 1
-    offset = pe.training_offset(span, generator) if hasattr(pe, "training_offset") else None
+    offset = pe.training_offset(span, generator)
     if offset is None:
         return ids, span, False
     base = torch.arange(length, device=device)[None] if ids is None else ids
@@ -166,8 +162,6 @@ def shift_ids(pe, ids: Tensor | None, length: int, generator: torch.Generator, d
 def encoding_loss(pe, step: int, span, generator: torch.Generator, shifted: bool = False) -> Tensor | None:
     """An encoding's own regularizers for one training step (SeqPE's contrastive and
     distillation terms), or None for encodings without them."""
-    if not hasattr(pe, "auxiliary_loss"):
-        return None
     return pe.auxiliary_loss(step, span, generator, shifted)
 
 

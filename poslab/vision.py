@@ -111,12 +111,11 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        params = dict(cfg.pe_params)
-        if cfg.pe == "seqpe":
-            params.setdefault("dims", 2)
-            # room past the test grids for the distillation windows and the random shift
-            params.setdefault("max_position", max(cfg.stride, 4 * cfg.train_grid))
-            params.setdefault("sample_range", 4 * cfg.train_grid**2)  # a (2 G)^2 window of near candidates
+        # room past the test grids (SeqPE: for its distillation windows and random shift)
+        sized = pe_lib.get(cfg.pe).sized_for(
+            max_position=max(cfg.stride, 4 * cfg.train_grid), dims=2, train_extent=cfg.train_grid
+        )
+        params = {**sized, **cfg.pe_params}
         self.patch_embed = nn.Linear(cfg.patch * cfg.patch, cfg.d_model)
         self.body = Transformer(
             vocab_size=len(SHAPES), d_model=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
@@ -136,7 +135,7 @@ class VisionTransformer(nn.Module):
         ids = grid_ids(grid, self.two_d, self.stride)
         pe = self.body.pe
         span = (grid, grid) if self.two_d else int(ids.max()) + 1
-        offset = pe.training_offset(span, generator) if hasattr(pe, "training_offset") else None
+        offset = pe.training_offset(span, generator)
         if offset is None:
             return ids, span, False
         return ids + torch.tensor(offset if self.two_d else offset[0]), span, True

@@ -76,7 +76,7 @@ class LMConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rope_params(self) -> LMConfig:
-        if self.pe == "rope" and self.pe_params:
+        if pe_lib.get(self.pe).scalable and self.pe_params:
             raise ValueError(
                 f"pe_params={self.pe_params!r}: a RoPE model takes only rope_base here (context-extension methods "
                 "set the rest at evaluation)"
@@ -88,13 +88,17 @@ class LMConfig(BaseModel):
         """The longest context of a non-RoPE model (``max_position``, default ``8 L``)."""
         return self.max_position or 8 * self.train_length
 
+    @property
+    def rope(self) -> bool:
+        """The model is pretrained with a RoPE that context-extension methods rescale."""
+        return pe_lib.get(self.pe).scalable
+
     def encoding(self) -> tuple[str, dict[str, Any]]:
-        """``(pe, pe_params)`` of pretraining (RoPE gets ``rope_base``; SeqPE gets ``P_max``)."""
-        if self.pe == "rope":
-            return "rope", {"base": self.rope_base, **self.pe_params}
-        if self.pe == "seqpe":
-            return "seqpe", {"max_position": self.positions, **self.pe_params}
-        return self.pe, dict(self.pe_params)
+        """``(pe, pe_params)`` of pretraining: RoPE gets ``rope_base``; an encoding that is
+        sized for its positions (SeqPE) gets ``max_position``."""
+        if self.rope:
+            return self.pe, {"base": self.rope_base, **self.pe_params}
+        return self.pe, {**pe_lib.get(self.pe).sized_for(max_position=self.positions), **self.pe_params}
 
 
 def _model(cfg: LMConfig, pe: str, pe_params: dict, max_seq_len: int) -> Transformer:
@@ -165,7 +169,7 @@ def pretrain(cfg: LMConfig, out: str | Path, *, corpus: Corpus | None = None, pr
     corpus = corpus or load_corpus(cfg.corpus, max_bytes=cfg.max_bytes)
     torch.manual_seed(cfg.seed)
     pe, params = cfg.encoding()
-    model = _model(cfg, pe, params, cfg.train_length if pe == "rope" else cfg.positions)
+    model = _model(cfg, pe, params, cfg.train_length if cfg.rope else cfg.positions)
     t0 = time.perf_counter()
     losses = _train_loop(
         model, corpus.train, cfg, cfg.steps, cfg.lr, cfg.train_length, lambda w, g: (w, None), progress, "pretrain"
@@ -200,7 +204,7 @@ def load_model(path: str | Path, method: str = "none", target_length: int | None
     tuned = record.get("method", "none")
     if tuned != "none" and method != tuned:
         raise ValueError(f"the model at {str(path)!r} was fine-tuned with {tuned!r}; evaluate it with that method")
-    if cfg.pe != "rope":
+    if not cfg.rope:
         if method != "none":
             raise ValueError(
                 f"context-extension method {method!r} needs a RoPE model; the model at {str(path)!r} was pretrained "
@@ -364,7 +368,7 @@ def search_longrope(
     if record.get("method", "none") != "none":
         raise ValueError(f"the model at {str(path)!r} is fine-tuned; search on a pretrained one")
     cfg = LMConfig(**record["config"])
-    if cfg.pe != "rope":
+    if not cfg.rope:
         raise ValueError(
             f"LongRoPE searches RoPE factors; the model at {str(path)!r} was pretrained with pe={cfg.pe!r}"
         )

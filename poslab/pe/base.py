@@ -150,6 +150,8 @@ class PositionalEncoding(nn.Module):
         uses_position_ids: ``False`` when ids never matter (NoPE; CoPE counts from content).
         causal_only: defined for decoders only; building it for an encoder is an error.
         position_dims: ids per token: 1 (``(B, T)`` ids) or more (``(B, T, A)``, e.g. 2-D RoPE).
+        scalable: a rotary encoding the context-extension methods start from (they rescale its
+            frequencies or remap its distances); the remapped encodings themselves are not.
     """
 
     name: ClassVar[str] = ""
@@ -161,6 +163,7 @@ class PositionalEncoding(nn.Module):
     uses_position_ids: ClassVar[bool] = True
     causal_only: ClassVar[bool] = False
     position_dims: ClassVar[int] = 1
+    scalable: ClassVar[bool] = False
     layer_sets: int = 1  # parameter sets, one per layer when > 1 (see logits_bias)
     current_layer: int = 0
 
@@ -242,6 +245,40 @@ class PositionalEncoding(nn.Module):
             ``(B, H, Tq, D)`` in ``q.dtype``.
         """
         raise NotImplementedError(f"{self.name} is not content-dependent")
+
+    # ----------------------------------------------------------------- optional hooks
+    # Every hook the model, the training loops or the labs may call is declared here with a
+    # no-op default, so callers never probe an encoding with ``hasattr`` or test its name.
+    def reset_parameters(self) -> None:
+        """(Re-)initialize the encoding's parameters; encodings without any do nothing."""
+
+    def check_length(self, max_position: int) -> None:
+        """Raise ``ValueError`` before any work if id ``max_position`` cannot be encoded
+        (a learned table too short, SeqPE's digit range); by default every id can."""
+
+    @property
+    def cache_window(self) -> tuple[int, int] | None:
+        """``(window, sinks)`` when the encoding only ever attends to a sliding window and the
+        first ``sinks`` keys (LM-Infinite, StreamingLLM): a KV cache may then drop the rest.
+        ``None`` (the default): every cached key stays visible."""
+        return None
+
+    def training_offset(self, span, generator: torch.Generator) -> tuple[int, ...] | None:
+        """An offset per id axis to add to one training step's ids (SeqPE's random shift), or
+        ``None`` (the default) to leave them as they are. ``span`` is the ids' extent."""
+        return None
+
+    def auxiliary_loss(self, step: int, span, generator: torch.Generator, shifted: bool = False) -> Tensor | None:
+        """The encoding's own regularizer for training step ``step`` (SeqPE's contrastive and
+        distillation terms), added to the task loss; ``None`` (the default) when it has none."""
+        return None
+
+    @classmethod
+    def sized_for(cls, *, max_position: int, dims: int = 1, train_extent: int | None = None) -> dict:
+        """Default parameters that size the encoding for a setting: ids up to ``max_position``
+        per axis, ``dims`` axes, training ids spanning ``train_extent`` per axis. A lab merges
+        them under the user's own ``pe_params``; the default is ``{}`` (nothing to size)."""
+        return {}
 
     # ----------------------------------------------------------------- bookkeeping
     def extra_repr(self) -> str:

@@ -27,6 +27,7 @@ class _TwoBranchRoPE(RoPE):
     """RoPE whose logits use remapped ids for some query-key pairs."""
 
     content_dependent = True
+    scalable = False  # already a context-extension method
 
     def _logits(self, q: Tensor, k: Tensor, ids_q: Tensor, ids_k: Tensor) -> Tensor:
         cos_q, sin_q = F.rope_cos_sin(ids_q, self.inv_freq, self.layout, q.dtype)
@@ -346,6 +347,7 @@ class MsPoE(RoPE):
         "Zhang (Zhenyu), 2024, arXiv 2403.04797"
     )
     content_dependent = True
+    scalable = False  # already a context-extension method
 
     def __init__(
         self,

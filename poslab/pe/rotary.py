@@ -47,6 +47,7 @@ class RoPE(PositionalEncoding):
     paper = "RoFormer: Enhanced Transformer with Rotary Position Embedding, Su, 2021, arXiv 2104.09864"
     sites = frozenset({Site.QK})
     relative = True
+    scalable = True
 
     def __init__(
         self,
@@ -125,6 +126,7 @@ class PRoPE(RoPE):
     """
 
     paper = "Round and Round We Go! What makes Rotary Positional Encodings useful?, Barbero, 2024, arXiv 2410.06205"
+    scalable = False  # its own frequencies; takes no rope_scaling
 
     def __init__(self, *, head_dim: int, fraction: float = 0.75, base: float = 10000.0, layout: str = "half") -> None:
         super().__init__(head_dim=head_dim, base=base, layout=layout)
@@ -145,6 +147,7 @@ class ResonanceRoPE(RoPE):
     """
 
     paper = "Resonance RoPE: Improving Context Length Generalization of Large Language Models, Wang (Suyuchen), 2024, arXiv 2403.00071"
+    scalable = False  # takes no rope_scaling (a rope_scaling dict with resonance=True composes instead)
 
     def __init__(
         self, *, head_dim: int, base: float = 10000.0, partial_rotary_factor: float = 1.0, layout: str = "half"

@@ -307,6 +307,15 @@ class SeqPE(PositionalEncoding):
             count = num_layers if qk_sharing == "multi" else 1
             self.proj = nn.ModuleList(nn.Linear(d_pe, 2 * d_model) for _ in range(count))
 
+    @classmethod
+    def sized_for(cls, *, max_position: int, dims: int = 1, train_extent: int | None = None) -> dict:
+        """``max_position`` and ``dims``; on a grid also ``sample_range``, a window of near
+        candidates of side ``2 G`` for a training grid of side ``G``."""
+        sized = {"max_position": max_position, "dims": dims}
+        if dims > 1 and train_extent is not None:
+            sized["sample_range"] = (2 * train_extent) ** dims
+        return sized
+
     def check_length(self, max_position: int) -> None:
         if max_position >= self.max_position:
             raise ValueError(f"seqpe: position {max_position} is past max_position={self.max_position}")

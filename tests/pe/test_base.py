@@ -78,3 +78,36 @@ def test_t5_saturation_distance_holds():
     far = enc.relative_bias(torch.arange(w, 5000))
     assert torch.equal(far, far[:1].expand_as(far))
     assert not torch.equal(enc.relative_bias(torch.tensor([w - 20])), far[:1])
+
+
+@pytest.mark.parametrize("name", pe.names())
+def test_every_encoding_answers_every_optional_hook(name):
+    """The model and the training loops call these on any encoding without probing it."""
+    from poslab import Transformer
+
+    model = Transformer(vocab_size=10, d_model=16, num_layers=1, num_heads=2, pe=name)
+    enc = model.pe
+    gen = torch.Generator().manual_seed(0)
+    enc.reset_parameters()
+    enc.check_length(3)
+    window = enc.cache_window
+    assert window is None or (len(window) == 2 and all(isinstance(w, int) for w in window))
+    offset = enc.training_offset(8, gen)
+    assert offset is None or all(isinstance(o, int) for o in offset)
+    loss = enc.auxiliary_loss(0, 8, gen)
+    assert loss is None or (loss.dim() == 0 and torch.isfinite(loss))
+    assert isinstance(type(enc).sized_for(max_position=64, dims=1, train_extent=8), dict)
+
+
+def test_hooks_default_to_doing_nothing():
+    enc = pe.build("nope")
+    gen = torch.Generator().manual_seed(0)
+    assert enc.cache_window is None and enc.training_offset(8, gen) is None
+    assert enc.auxiliary_loss(0, 8, gen) is None and enc.sized_for(max_position=64) == {}
+    enc.check_length(10**9)  # every id is fine
+
+
+def test_sized_for_sizes_seqpe_for_a_grid():
+    sized = pe.get("seqpe").sized_for(max_position=32, dims=2, train_extent=4)
+    assert sized == {"max_position": 32, "dims": 2, "sample_range": 64}
+    assert pe.get("seqpe").sized_for(max_position=1024) == {"max_position": 1024, "dims": 1}
