@@ -109,9 +109,10 @@ class _Kerple(PositionalEncoding):
     (``per_layer``, as the reference code builds one module per attention layer) or shared.
 
     Constraint, as in the reference: after every update both are clamped to ``>= min_value``
-    (the power exponent also to ``<= 2``), in place at the start of each forward
-    (``reparam="clamp"``). ``reparam="softplus"`` stores unconstrained values instead
-    (a non-paper alternative).
+    (the power exponent also to ``<= 2``), in place at the start of every forward, in
+    training and evaluation alike, and before a state dict is taken (``reparam="clamp"``),
+    so a model evaluated or saved right after an optimizer step reads values in range.
+    ``reparam="softplus"`` stores unconstrained values instead (a non-paper alternative).
     """
 
     sites = frozenset({Site.LOGITS})
@@ -140,6 +141,8 @@ class _Kerple(PositionalEncoding):
         self.r1 = nn.Parameter(torch.empty(self.layer_sets, num_heads))
         self.r2 = nn.Parameter(torch.empty(self.layer_sets, num_heads))
         self.reset_parameters()
+        if reparam == "clamp":  # a checkpoint holds the constrained values
+            self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module._project())
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -167,8 +170,8 @@ class _Kerple(PositionalEncoding):
         return r1, r2
 
     def logits_bias(self, pos_q, pos_k, contiguous=False, causal=False):
-        if self.reparam == "clamp" and self.training:
-            self._project()  # once per forward, before any layer reads the parameters
+        if self.reparam == "clamp":
+            self._project()  # once per forward (the reference: every forward), before any layer reads them
         return super().logits_bias(pos_q, pos_k, contiguous, causal)
 
     def relative_bias(self, delta: Tensor) -> Tensor:

@@ -79,6 +79,41 @@ def test_kerple_parameters_stay_in_range_after_huge_updates(name):
         assert torch.isfinite(model(x)).all()
 
 
+@pytest.mark.parametrize("name", ["kerple_log", "kerple_power"])
+def test_kerple_clamps_in_evaluation_and_in_the_state_dict(name):
+    """The reference clamps in every forward: a model evaluated or saved right after an
+    optimizer step (parameters out of range) reads the clamped values."""
+    model = Transformer(vocab_size=10, d_model=16, num_heads=2, num_layers=1, pe=name).eval()
+    with torch.no_grad():
+        model.pe.r1[0, 0] = -0.5  # a negative multiplier: a NaN power bias, a sign flip in log
+        model.pe.r2[0, 1] = 2.0009 if name == "kerple_power" else -0.2
+    state = model.state_dict()
+    assert state["pe.r1"].min() >= 0.01 and state["pe.r2"].min() >= 0.01
+    if name == "kerple_power":
+        assert state["pe.r2"].max() <= 2.0
+    with torch.no_grad():
+        model.pe.r1[0, 0] = -0.5
+        model.pe.r2[0, 1] = 2.0009 if name == "kerple_power" else -0.2
+    ids = torch.arange(40)[None]
+    got = model.pe.logits_bias(ids, ids, contiguous=True, causal=True).dense
+    r1, r2 = model.pe.r1[0].detach(), model.pe.r2[0].detach()  # projected by that forward
+    assert r1.min() >= 0.01 and r2.min() >= 0.01 and torch.isfinite(got).all()
+    kernel = F.kerple_power_bias if name == "kerple_power" else F.kerple_log_bias
+    want = kernel(torch.arange(40)[:, None] - torch.arange(40)[None], r1, r2).permute(2, 0, 1)
+    torch.testing.assert_close(got[0].tril(), want.tril().float())
+
+
+def test_kerple_initial_ranges_follow_the_reference():
+    """log: multiplier r1 ~ U(0, 2), inner scale r2 ~ U(0, 1); power: multiplier r1 ~ U(0, 1),
+    exponent r2 ~ U(0, 2) (methods.md 3.5). 4096 draws put each maximum near its bound."""
+    log = pe.build("kerple_log", num_heads=4096, per_layer=False)
+    power = pe.build("kerple_power", num_heads=4096, per_layer=False)
+    for enc, (r1_hi, r2_hi) in ((log, (2.0, 1.0)), (power, (1.0, 2.0))):
+        for values, hi in ((enc.r1, r1_hi), (enc.r2, r2_hi)):
+            assert values.min() >= 0.01 and hi - 0.01 < values.max() <= hi
+            assert abs(values.mean().item() - hi / 2) < 0.05
+
+
 def test_kerple_softplus_reparametrization_keeps_parameters_positive():
     enc = pe.build("kerple_log", num_heads=2, reparam="softplus", per_layer=False)
     with torch.no_grad():
