@@ -158,3 +158,25 @@ def test_longrope_n_hat_keeps_the_first_positions_unscaled():
     assert torch.allclose(rot.cos_q[..., :8, :], plain.cos_q[..., :8, :] * factor)
     assert torch.allclose(rot.cos_q[..., 8:, :], scaled.cos_q[..., 8:, :])
     assert torch.equal(build("rope", head_dim=16, n_hat=8).rotary(pos, torch.float64).cos_q, plain.cos_q)
+
+
+@pytest.mark.parametrize("scale_base", [512.0, 32.0])
+def test_xpos_logits_equal_x_transformers(scale_base):
+    """Independent reference: x-transformers' xPos (torchscale's zeta ``(2i + 0.4 D) / (1.4 D)``,
+    interleaved pairs, centred at half the length). Centres cancel in q.k."""
+    xt = pytest.importorskip("x_transformers.x_transformers")
+    d, t = 16, 48
+    ref = xt.RotaryEmbedding(d, use_xpos=True, scale_base=scale_base)
+    freqs, scale = ref(torch.arange(t))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 2, t, d, generator=g).unbind(0)
+    want = xt.apply_rotary_pos_emb(q, freqs, scale) @ xt.apply_rotary_pos_emb(k, freqs, scale**-1).transpose(-1, -2)
+    enc = pe.build("xpos", head_dim=d, scale_base=scale_base, layout="interleaved")
+    tables = enc.rotary(torch.arange(t)[None], torch.float64)
+    got = tables.rotate_q(q.double()) @ tables.rotate_k(k.double()).transpose(-1, -2)
+    torch.testing.assert_close(got.float().tril(), want.tril(), atol=2e-5, rtol=2e-5)
+
+
+def test_xpos_zeta_frozen_values():
+    """torchscale's ``(arange(0, D, 2) + 0.4 D) / (1.4 D)`` at D = 8, written out (no package needed)."""
+    torch.testing.assert_close(F.xpos_zeta(8), torch.tensor([2 / 7, 13 / 28, 9 / 14, 23 / 28], dtype=torch.float64))
