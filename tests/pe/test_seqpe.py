@@ -126,6 +126,45 @@ def test_distillation_loss_is_zero_for_identical_windows_and_symmetric():
     assert similarity_kl(p, q).item() == pytest.approx(similarity_kl(q, p).item(), rel=1e-6)
 
 
+def test_contrastive_loss_is_cross_entropy_of_inner_products_per_head():
+    """Logits ``<pe(pivot), pe(c)>`` per head chunk (methods.md 2.7.4), written out: the
+    nearest candidate must win by a *large* inner product (a negated logit fails here)."""
+    torch.manual_seed(0)
+    enc = build("seqpe", d_model=16, num_heads=2, max_position=500)
+    pivots = torch.tensor([10, 200])
+    candidates = torch.tensor([[11, 90, 400], [3, 250, 199]])
+    labels = torch.tensor([0, 2])
+    want = []
+    for p, cands, label in zip(pivots, candidates, labels):
+        e_p, e_c = enc.encoder(p[None])[0], enc.encoder(cands)  # (16,), (3, 16)
+        for h in range(2):
+            logits = e_c[:, h * 8 : (h + 1) * 8] @ e_p[h * 8 : (h + 1) * 8]  # (3,)
+            want.append(-torch.log_softmax(logits, 0)[label])
+    torch.testing.assert_close(enc.contrastive_loss(pivots, candidates, labels), torch.stack(want).mean())
+
+
+def test_distillation_teacher_gets_no_gradient():
+    """The in-range window is the teacher (detached): the gradient is the student's alone."""
+    torch.manual_seed(0)
+    enc = build("seqpe", d_model=16, num_heads=2, max_position=500).double()
+    samples = torch.arange(0, 24)
+    enc.distillation_loss(300, samples).backward()
+    got = {n: p.grad.clone() for n, p in enc.encoder.named_parameters() if p.grad is not None}
+    enc.zero_grad()
+    with torch.no_grad():
+        teacher = enc.encoder(samples).view(24, 2, 8).transpose(0, 1)  # (H, n, d)
+    student = enc.encoder(samples + 300).view(24, 2, 8).transpose(0, 1)
+    log_t = torch.log_softmax(teacher @ teacher.transpose(-1, -2), -1)
+    log_s = torch.log_softmax(student @ student.transpose(-1, -2), -1)
+    ((log_t.exp() * (log_t - log_s)).mean() + (log_s.exp() * (log_s - log_t)).mean()).backward()
+    for name, p in enc.encoder.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name], p.grad, msg=name)
+    a, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    similarity_kl(torch.log_softmax(a, -1), torch.log_softmax(b, -1)).backward()
+    assert a.grad is None and b.grad.abs().sum() > 0  # P, the teacher, is detached in both terms
+
+
 def test_attn_scalar_bias_matches_a_naive_loop():
     torch.manual_seed(0)
     enc = build("seqpe", d_model=16, num_heads=2, apply="attn_scalar", max_position=100)
