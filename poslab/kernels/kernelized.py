@@ -148,6 +148,13 @@ class KernelizedRPEAttention(nn.Module):
             isinstance(qk_scale, bool) or not isinstance(qk_scale, (int, float)) or not qk_scale > 0
         ):
             raise ValueError(f"qk_scale={qk_scale!r} must be a positive number or 'learned'")
+        if qk_scale != 1.0 and (qk_norm != "l2" or feature_map != "positive"):
+            # tau q.k is estimated by the positive features of sqrt(tau) q^ and sqrt(tau) k^; the
+            # other maps have no logit to scale
+            raise ValueError(
+                f"qk_scale={qk_scale!r} needs qk_norm='l2' and feature_map='positive' "
+                f"(got qk_norm={qk_norm!r}, feature_map={feature_map!r})"
+            )
         self.num_heads, self.head_dim, self.causal = num_heads, head_dim, causal
         self.feature_map, self.qk_norm, self.rpe_mode, self.method = feature_map, qk_norm, rpe, method
         self.redraw_interval, self.orthogonal = redraw_interval, orthogonal

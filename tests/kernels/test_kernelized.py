@@ -100,6 +100,28 @@ def test_l2_norm_makes_the_output_independent_of_query_and_key_norms():
     assert att.log_scale.grad is not None and att.rpe.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("tau", [2.0, 0.5])
+def test_a_fixed_qk_scale_is_the_temperature_of_the_estimated_softmax(tau):
+    """With many features, l2-normalized q and k and ``qk_scale = tau``, the output approaches
+    ``softmax(tau q^.k^ + b) v`` and not the softmax at ``tau = 1``."""
+    torch.manual_seed(0)
+    n, d = 10, 4
+    q, k, v = (x.double() for x in _qkv(b=1, h=2, n=n, d=d))
+    att = KernelizedRPEAttention(2, d, causal=True, max_len=n, num_features=16384, qk_norm="l2", qk_scale=tau, seed=1)
+    att = att.double()
+    _random_bias(att)
+    offsets = torch.arange(n)[None, :] - torch.arange(n)[:, None]
+    cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-1, -2)
+
+    def exact(scale):
+        logits = (scale * cos + att.bias_table(offsets)).masked_fill(offsets > 0, float("-inf"))
+        return torch.softmax(logits, -1) @ v
+
+    out = att(q, k, v, _ids(n), _ids(n), True)
+    right, wrong = (out - exact(tau)).abs().max().item(), (out - exact(1.0)).abs().max().item()
+    assert right < 0.2 and wrong > 3 * right  # the estimator's spread grows with tau
+
+
 def test_features_are_redrawn_on_schedule_and_reproducibly():
     def run(steps):
         att = KernelizedRPEAttention(2, 8, max_len=16, redraw_interval=2, seed=5)
@@ -139,6 +161,7 @@ def test_rpe_none_is_a_plain_performer_without_parameters():
         ("redraw_interval", -1, "redraw_interval=-1 must be an integer >= 0"),
         ("max_distance", -2, "max_distance=-2 must be an integer >= 0 or None"),
         ("qk_scale", 0.0, "qk_scale=0.0 must be a positive number or 'learned'"),
+        ("qk_scale", 4.0, "qk_scale=4.0 needs qk_norm='l2' and feature_map='positive'"),
     ],
 )
 def test_bad_parameters_name_the_field(field, value, message):
