@@ -8,12 +8,13 @@ import torch
 
 from poslab.pe.rope_scaling import ROPE_TYPES, RopeScalingError, rope_frequencies
 
-transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig  # noqa: E402
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
-
 
 def _hf(params, head_dim, base, max_pos, seq_len=None, heads=4):
+    """``transformers``' own function (the test skips without it; the spec vectors below never do)."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     config = LlamaConfig(
         hidden_size=head_dim * heads,
         num_attention_heads=heads,
