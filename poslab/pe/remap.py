@@ -29,12 +29,10 @@ class _TwoBranchRoPE(RoPE):
     content_dependent = True
     scalable = False  # already a context-extension method
 
-    def _logits(self, q: Tensor, k: Tensor, ids_q: Tensor, ids_k: Tensor) -> Tensor:
-        cos_q, sin_q = F.rope_cos_sin(ids_q, self.inv_freq, self.layout, q.dtype)
-        cos_k, sin_k = F.rope_cos_sin(ids_k, self.inv_freq, self.layout, k.dtype)
-        if self.attention_factor != 1.0:
-            cos_q, sin_q = cos_q * self.attention_factor, sin_q * self.attention_factor
-            cos_k, sin_k = cos_k * self.attention_factor, sin_k * self.attention_factor
+    def _logits(self, q: Tensor, k: Tensor, ids_q: Tensor, ids_k: Tensor, length: int) -> Tensor:
+        # both branches rotate with the frequencies of the sequence's length (dynamic, longrope)
+        cos_q, sin_q = self.cos_sin(ids_q, q.dtype, length)
+        cos_k, sin_k = self.cos_sin(ids_k, k.dtype, length)
         qr = F.apply_rope(q, cos_q, sin_q, self.layout)
         kr = F.apply_rope(k, cos_k, sin_k, self.layout)
         return qr @ kr.transpose(-1, -2)
@@ -47,11 +45,12 @@ class _TwoBranchRoPE(RoPE):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         work = torch.promote_types(q.dtype, torch.float32)
         qw, kw = q.to(work), k.to(work)
-        near = self._logits(qw, kw, ctx.pos_q, ctx.pos_k)
+        length = int(ctx.pos_k.max()) + 1 if ctx.pos_k.numel() else None
+        near = self._logits(qw, kw, ctx.pos_q, ctx.pos_k, length)
         ids_q, ids_k, use_near, allowed = self.branches(ctx.pos_q, ctx.pos_k)
         if allowed is not None and ctx.idx_k is not None:  # by sequence index: the cache may drop keys
             allowed = self.allowed_at(ctx.idx_q, ctx.idx_k)
-        far = self._logits(qw, kw, ids_q, ids_k)
+        far = self._logits(qw, kw, ids_q, ids_k, length)
         logits = torch.where(use_near[:, None], near, far) / math.sqrt(q.shape[-1])
         tq, tk = logits.shape[-2:]
         keep = causal_mask(tq, tk, q.device) if ctx.causal else torch.ones(tq, tk, dtype=torch.bool, device=q.device)
@@ -408,20 +407,22 @@ class MsPoE(RoPE):
 
     def scores(self, q: Tensor, k: Tensor, pos_q: Tensor, pos_k: Tensor) -> Tensor:
         """Fraction of keys above ``outlier_factor`` x the mean in the last query's plain-RoPE row."""
-        logits = self._rotate(q[..., -1:, :], pos_q[:, -1:], None) @ self._rotate(k, pos_k, None).transpose(-1, -2)
+        length = int(pos_k.max()) + 1 if pos_k.numel() else None
+        last = self._rotate(q[..., -1:, :], pos_q[:, -1:], None, length)
+        logits = last @ self._rotate(k, pos_k, None, length).transpose(-1, -2)
         probs = torch.softmax(logits.float() / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, 1, Tk): sees every key
         return (probs > self.outlier_factor * probs.mean(-1, keepdim=True)).float().mean((-1, -2)).mean(0)
 
-    def _rotate(self, x: Tensor, pos: Tensor, ratios: Tensor | None) -> Tensor:
+    def _rotate(self, x: Tensor, pos: Tensor, ratios: Tensor | None, length: int | None) -> Tensor:
+        """``x`` rotated at ``pos / ratio`` per head, with the scaling's frequencies at the
+        sequence's ``length`` (dynamic, longrope)."""
         b, h, t, _ = x.shape
         ids = pos.to(torch.float64)[:, None, :].expand(pos.shape[0], h, t)  # (B|1, H, T)
         if ratios is not None:
             ids = ids / ratios.to(ids.device)[None, :, None]
         rows = ids.shape[0]
-        cos, sin = F.rope_cos_sin(ids.reshape(rows * h, t), self.inv_freq, self.layout, x.dtype)
+        cos, sin = self.cos_sin(ids.reshape(rows * h, t), x.dtype, length)  # (rows H, 1, T, R)
         cos, sin = cos.view(rows, h, t, -1), sin.view(rows, h, t, -1)
-        if self.attention_factor != 1.0:
-            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return F.apply_rope(x, cos, sin, self.layout)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
@@ -434,7 +435,8 @@ class MsPoE(RoPE):
                 if ctx.state is not None:
                     ctx.state["ms_poe_ratios"] = stored
             ratios = stored
-        qr, kr = self._rotate(q, ctx.pos_q, ratios), self._rotate(k, ctx.pos_k, ratios)
+        length = int(ctx.pos_k.max()) + 1 if ctx.pos_k.numel() else None
+        qr, kr = self._rotate(q, ctx.pos_q, ratios, length), self._rotate(k, ctx.pos_k, ratios, length)
         tq, tk = q.shape[-2], k.shape[-2]
         if not ctx.causal:
             return torch.nn.functional.scaled_dot_product_attention(qr, kr, v)

@@ -93,19 +93,39 @@ class RoPE(PositionalEncoding):
     def _scaled(self, seq_len: int | None) -> tuple[Tensor, float]:
         return rope_frequencies(self.rope_scaling, self.rot_dim, self.base, self.max_position_embeddings, seq_len)
 
-    def rotary(self, positions: Tensor, dtype: torch.dtype) -> Rotary:
-        inv_freq, scale = self.inv_freq, None
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind in ("dynamic", "longrope") and positions.numel():  # frequencies follow the length
-                inv_freq = self._scaled(int(positions.max()) + 1)[0].to(torch.float64, copy=False)
-            if self.attention_factor != 1.0:
-                scale = torch.tensor(self.attention_factor, dtype=torch.float64)
-        cos, sin = F.rope_cos_sin(positions, inv_freq, self.layout, dtype, scale=scale)  # (B, 1, T, R)
+    @property
+    def length_dependent(self) -> bool:
+        """``dynamic`` and ``longrope`` scalings choose their frequencies from the length."""
+        if self.rope_scaling is None:
+            return False
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) in ("dynamic", "longrope")
+
+    def frequencies(self, length: int | None) -> Tensor:
+        """``(R/2,)`` float64 inverse frequencies for a sequence whose largest id is ``length - 1``
+        (the length matters only to ``dynamic`` and ``longrope``)."""
+        if self.length_dependent and length is not None:
+            return self._scaled(length)[0].to(torch.float64, copy=False).to(self.inv_freq.device)
+        return self.inv_freq
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype, length: int | None = None) -> tuple[Tensor, Tensor]:
+        """cos and sin tables (:func:`~poslab.pe.functional.rope_cos_sin`) for ``positions``,
+        with the scaling's frequencies at ``length`` (default: the largest id + 1), its
+        attention factor, and LongRoPE's ``n_hat`` (ids below it keep the plain frequencies).
+        The remapping encodings rotate their second branch with this too."""
+        if length is None and positions.numel():
+            length = int(positions.max()) + 1
+        scale = None
+        if self.rope_scaling is not None and self.attention_factor != 1.0:
+            scale = torch.tensor(self.attention_factor, dtype=torch.float64)
+        cos, sin = F.rope_cos_sin(positions, self.frequencies(length), self.layout, dtype, scale=scale)  # (B, 1, T, R)
         if self.n_hat and self.rope_scaling is not None:  # LongRoPE: the first n_hat positions unscaled
             plain_cos, plain_sin = F.rope_cos_sin(positions, self.plain_inv_freq, self.layout, dtype, scale=scale)
             early = (positions < self.n_hat).reshape(cos.shape[0], 1, -1, 1)
             cos, sin = torch.where(early, plain_cos, cos), torch.where(early, plain_sin, sin)
+        return cos, sin
+
+    def rotary(self, positions: Tensor, dtype: torch.dtype) -> Rotary:
+        cos, sin = self.cos_sin(positions, dtype)
         return Rotary(cos, sin, cos, sin, self.layout)
 
 
