@@ -6,7 +6,8 @@ function in :mod:`poslab.attention` and the models in :mod:`poslab.model`.
 
 from poslab import pe, positions
 from poslab.attention import attention
-from poslab.model import KVCache, Transformer, TransformerConfig
+from poslab.cache import KVCache
+from poslab.model import Transformer, TransformerConfig
 
 __version__ = "0.1.0"
 

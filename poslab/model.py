@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 from poslab import pe as pe_lib
 from poslab.attention import BACKENDS, attention
+from poslab.cache import KVCache
 from poslab.kernels import kernelized as kernel_lib
 from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Rotary, Site
-from poslab.shaping import LOGIT_SCALES, LogitScale, keep_in_cache, window_allowed
+from poslab.shaping import LOGIT_SCALES, LogitScale, window_allowed
 
 __all__ = ["TransformerConfig", "Transformer", "KVCache"]
 
@@ -154,41 +155,6 @@ def build_encoding(config: TransformerConfig) -> PositionalEncoding:
     return pe_lib.build(config.pe, **params)
 
 
-class KVCache:
-    """Keys (after rotation), values and key position ids of every layer, for decoding.
-
-    Keys are stored already rotated with their own ids, which is exact for every encoding
-    whose rotation depends only on a token's own id (RoPE, xPos with a fixed center).
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.keys: list[Tensor | None] = [None] * num_layers
-        self.values: list[Tensor | None] = [None] * num_layers
-        self.states: list[dict] = [{} for _ in range(num_layers)]  # content-dependent encodings
-        self.positions: Tensor | None = None  # (B or 1, Tk)
-        self.indices: Tensor | None = None  # (Tk,) sequence index of every cached key
-        self.seen = 0  # tokens processed so far (cached or dropped)
-        self.contiguous = True  # ids so far were 0..Tk-1 in every row
-        self.keep: Tensor | None = None  # this step: which earlier keys a window policy keeps
-
-    @property
-    def length(self) -> int:
-        """Tokens processed so far: the sequence index of the next token."""
-        return self.seen
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append this step's ``(B, H_kv, T, D)`` keys/values; return all of them (after
-        dropping the keys a window policy no longer needs)."""
-        if self.keys[layer] is not None:
-            old_k, old_v = self.keys[layer], self.values[layer]
-            if self.keep is not None:
-                old_k, old_v = old_k[..., self.keep, :], old_v[..., self.keep, :]
-            k = torch.cat((old_k, k), dim=-2)
-            v = torch.cat((old_v, v), dim=-2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -213,6 +179,35 @@ class _Queries:
     total: int  # keys in this forward
 
 
+@dataclasses.dataclass
+class _Ids:
+    """The ids site of one forward: every query's and key's position id and sequence index."""
+
+    pos_q: Tensor  # (B or 1, Tq) or (B or 1, Tq, A)
+    pos_k: Tensor  # (B or 1, Tk, ...): cached keys first
+    idx_q: Tensor  # (Tq,)
+    idx_k: Tensor  # (Tk,)
+    contiguous: bool  # pos_k = 0 .. Tk-1 in every row (Toeplitz fast paths)
+
+
+@dataclasses.dataclass
+class _Sites:
+    """What the encoding and the shaping computed once per forward, shared by the layers."""
+
+    rotary: Rotary | list[Rotary] | None = None
+    rerotate: bool = False  # rotate every key again this step (length-dependent rotations)
+    bias: AttentionBias | list[AttentionBias] | None = None
+    content: AttentionContext | None = None  # content-dependent encodings compute attention
+    kernel_ids: AttentionContext | None = None  # kernelized attention reads the ids
+    queries: _Queries | None = None  # logit scales
+
+    def layer(self, layer: int) -> tuple[Rotary | None, AttentionBias | None]:
+        """This layer's rotation tables and bias (encodings may keep one set per layer)."""
+        rotary = self.rotary[layer] if isinstance(self.rotary, list) else self.rotary
+        bias = self.bias[layer] if isinstance(self.bias, list) else self.bias
+        return rotary, bias
+
+
 def _with_policy(bias: AttentionBias | list | None, allowed: Tensor) -> AttentionBias | list:
     """The bias with the keys a mask policy hides at float32's minimum."""
     hidden = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
@@ -225,10 +220,16 @@ def _with_policy(bias: AttentionBias | list | None, allowed: Tensor) -> Attentio
     return AttentionBias(dense=dense, relative_values=bias.relative_values, band=bias.band)
 
 
+def _last_queries(rotary: Rotary, tq: int) -> Rotary:
+    """Tables computed at every key's id, with the queries' rows (the last ``tq``) for q."""
+    return Rotary(rotary.cos_q[..., -tq:, :], rotary.sin_q[..., -tq:, :], rotary.cos_k, rotary.sin_k, rotary.layout)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.layer = layer
         self.kernel = _kernel(config, layer) if config.attention == "kernelized_rpe" else None
         self.logit_scale = (
             LogitScale(config.logit_scale, config.num_heads, **config.logit_scale_params)
@@ -240,37 +241,31 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(
-        self,
-        x: Tensor,
-        rotary: Rotary | None,
-        bias: AttentionBias | None,
-        cache: KVCache | None,
-        layer: int,
-        content: tuple[PositionalEncoding, AttentionContext] | None = None,
-        ids: AttentionContext | None = None,
-        queries: _Queries | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, sites: _Sites, cache: KVCache | None, encoding: PositionalEncoding) -> Tensor:
         b, t, _ = x.shape
+        layer = self.layer
+        rotary, bias = sites.layer(layer)
         qkv = self.qkv(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         qkv = qkv.transpose(1, 2)  # (B, H + 2 H_kv, T, D)
         q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
-        if rotary is not None:
+        if rotary is not None and not sites.rerotate:
             q, k = rotary.rotate_q(q), rotary.rotate_k(k)
-        if self.logit_scale is not None and queries is not None:
-            tau = self.logit_scale(queries.idx, queries.visible, queries.total)
-            if tau is not None:
-                q = q * tau.to(q.dtype)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, Tk, D)
+        if rotary is not None and sites.rerotate:  # every key at this step's frequencies
+            q, k = rotary.rotate_q(q), rotary.rotate_k(k)
+        if self.logit_scale is not None and sites.queries is not None:
+            tau = self.logit_scale(sites.queries.idx, sites.queries.visible, sites.queries.total)
+            if tau is not None:
+                q = q * tau.to(q.dtype)
         if self.num_kv_heads != self.num_heads:
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if content is not None:  # the encoding computes attention from q, k, v and the input
-            encoding, ctx = content
+        if sites.content is not None:  # the encoding computes attention from q, k, v and the input
             state = cache.states[layer] if cache is not None else None
-            y = encoding.attend(q, k, v, dataclasses.replace(ctx, x=x, layer=layer, state=state))
+            y = encoding.attend(q, k, v, dataclasses.replace(sites.content, x=x, layer=layer, state=state))
         elif self.kernel is not None:
+            ids = sites.kernel_ids
             y = self.kernel(q, k, v, ids.pos_q, ids.pos_k, ids.contiguous)
         else:
             y = attention(q, k, v, causal=self.config.causal, bias=bias, backend=self.config.attention_backend)
@@ -288,8 +283,8 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, bias, cache, layer, content=None, ids=None, queries=None):
-        x = x + self.drop(self.attn(self.norm1(x), rotary, bias, cache, layer, content, ids, queries))
+    def forward(self, x: Tensor, sites: _Sites, cache: KVCache | None, encoding: PositionalEncoding) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), sites, cache, encoding))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -363,6 +358,19 @@ class Transformer(nn.Module):
         Returns:
             ``(B, T, vocab_size)`` logits.
         """
+        b, t, device = self._check_inputs(input_ids, inputs_embeds, cache)
+        ids = self._ids(b, t, device, position_ids, cache)  # site 1: ids
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        if Site.INPUT in self.pe.sites:  # site 2: the input
+            x = x * self.pe.token_scale() + self.pe.input_embedding(ids.pos_q).to(x.dtype)
+        sites = self._sites(ids, x.dtype, cache)  # sites 3 and 4: queries/keys, logits
+        for block in self.blocks:
+            x = block(x, sites, cache, self.pe)
+        return self.head(self.norm(x))
+
+    def _check_inputs(
+        self, input_ids: Tensor | None, inputs_embeds: Tensor | None, cache: KVCache | None
+    ) -> tuple[int, int, torch.device]:
         if inputs_embeds is not None:
             if input_ids is not None:
                 raise ValueError("give input_ids or inputs_embeds, not both")
@@ -376,100 +384,67 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids must be (B, T), got {shape}")
         else:
             b, t = input_ids.shape
-        device = (inputs_embeds if inputs_embeds is not None else input_ids).device
         if cache is not None and not self.config.causal:
             raise ValueError("a KV cache needs a causal (decoder) model; this one is an encoder")
+        return b, t, (inputs_embeds if inputs_embeds is not None else input_ids).device
+
+    def _ids(self, b: int, t: int, device, position_ids: Tensor | None, cache: KVCache | None) -> _Ids:
+        """Every query's and key's id and sequence index; evicts what the cache no longer needs."""
         past = cache.length if cache is not None else 0
         contiguous = position_ids is None and (cache is None or cache.contiguous)
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=device)[None]  # (1, T)
-            max_position = past + t - 1
+            self.pe.check_length(past + t - 1)  # fail before any work
         else:
             position_ids = self._check_ids(position_ids, b, t)
-            max_position = None
-        if max_position is not None:
-            self.pe.check_length(max_position)  # fail before any work
-
-        sites = self.pe.sites
-        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        if Site.INPUT in sites:
-            x = x * self.pe.token_scale() + self.pe.input_embedding(position_ids).to(x.dtype)
-        rotary = None
-        if Site.QK in sites and not self.pe.content_dependent:  # content ones transform q/k in attend
-            rotary = self.pe.rotary(position_ids, x.dtype)
-        bias = content = None
         idx_q = torch.arange(past, past + t, device=device)
-        idx_k = idx_q
-        if cache is not None:
-            keep = None
-            policy = (self.config.window, self.config.sinks) if self.config.window else self.pe.cache_window
-            if policy is not None and cache.indices is not None:
-                keep = keep_in_cache(cache.indices, past, window=policy[0], sinks=policy[1])
-                if bool(keep.all()):
-                    keep = None
-                else:  # keys no later query can see leave the cache (all layers, this step)
-                    cache.positions = cache.positions[:, keep]
-                    cache.indices = cache.indices[keep]
-                    contiguous = False
-            cache.keep = keep
-            if cache.indices is not None:
-                idx_k = torch.cat((cache.indices, idx_q))
-        pos_k = position_ids if cache is None else self._key_positions(cache, position_ids)
-        ids = None
-        if self.config.attention == "kernelized_rpe":
-            if position_ids.dim() != 2:
+        if cache is None:
+            return _Ids(position_ids, position_ids, idx_q, idx_q, contiguous)
+        policy = (self.config.window, self.config.sinks) if self.config.window else self.pe.cache_window
+        if cache.evict(policy):  # keys no later query can see leave the cache (all layers, this step)
+            contiguous = False
+        ids = _Ids(position_ids, cache.key_positions(position_ids), idx_q, cache.key_indices(idx_q), contiguous)
+        cache.advance(ids.pos_k, ids.idx_k, t, contiguous)
+        return ids
+
+    def _sites(self, ids: _Ids, dtype: torch.dtype, cache: KVCache | None) -> _Sites:
+        """The per-forward tables of the query/key and logits sites, and the attention shaping."""
+        config, encoding, sites = self.config, self.pe, _Sites()
+        if Site.QK in encoding.sites and not encoding.content_dependent:  # content ones rotate in attend
+            if cache is not None and encoding.length_dependent:
+                # every key's rotation changes with the length: rotate them all at this step's
+                # frequencies (the cache holds them unrotated)
+                tables = encoding.rotary(ids.pos_k, dtype)
+                tq = ids.pos_q.shape[1]
+                sites.rotary = [_last_queries(r, tq) for r in tables] if isinstance(tables, list) else (
+                    _last_queries(tables, tq))  # fmt: skip
+                sites.rerotate = True
+            else:
+                sites.rotary = encoding.rotary(ids.pos_q, dtype)
+        if config.attention == "kernelized_rpe":
+            if ids.pos_q.dim() != 2:
                 raise ValueError(
                     f"attention='kernelized_rpe' takes one id per token, got position_ids of shape "
-                    f"{tuple(position_ids.shape)}"
+                    f"{tuple(ids.pos_q.shape)}"
                 )
-            ids = AttentionContext(pos_q=position_ids, pos_k=pos_k, contiguous=contiguous, causal=self.config.causal)
-        if self.pe.content_dependent:
-            ctx = AttentionContext(
-                pos_q=position_ids,
-                pos_k=pos_k,
-                contiguous=contiguous,
-                causal=self.config.causal,
-                backend=self.config.attention_backend,
-                idx_q=idx_q,
-                idx_k=idx_k,
-            )
-            content = (self.pe, ctx)
-        elif Site.LOGITS in sites:
-            bias = self.pe.logits_bias(position_ids, pos_k, contiguous=contiguous, causal=self.config.causal)
-        queries = None
-        if self.config.window is not None:
-            allowed = window_allowed(
-                idx_q, idx_k, causal=self.config.causal, window=self.config.window, sinks=self.config.sinks
-            )
-            bias = _with_policy(bias, allowed)
-            queries = _Queries(idx_q, allowed.sum(-1).to(torch.float32), idx_k.shape[0])
-        elif self.config.logit_scale != "none":
-            visible = (idx_q + 1).to(torch.float32) if self.config.causal else torch.full((t,), float(idx_k.shape[0]))
-            queries = _Queries(idx_q, visible, idx_k.shape[0])
-        if cache is not None:
-            cache.positions = pos_k
-            cache.indices = idx_k
-            cache.seen = past + t
-            cache.contiguous = contiguous
-        for layer, block in enumerate(self.blocks):
-            layer_bias = bias[layer] if isinstance(bias, list) else bias  # per-layer parameter sets
-            layer_rotary = rotary[layer] if isinstance(rotary, list) else rotary
-            x = block(x, layer_rotary, layer_bias, cache, layer, content, ids, queries)
-        return self.head(self.norm(x))
-
-    @staticmethod
-    def _key_positions(cache: KVCache, position_ids: Tensor) -> Tensor:
-        if cache.positions is None:
-            return position_ids
-        old, new = cache.positions, position_ids
-        if old.dim() != new.dim():
-            raise ValueError(
-                f"position_ids of shape {tuple(new.shape)} do not match the cached ids of shape {tuple(old.shape)}"
-            )
-        if old.shape[0] != new.shape[0]:
-            batch = max(old.shape[0], new.shape[0])
-            old, new = old.expand(batch, *old.shape[1:]), new.expand(batch, *new.shape[1:])
-        return torch.cat((old, new), dim=1)
+            sites.kernel_ids = AttentionContext(ids.pos_q, ids.pos_k, ids.contiguous, config.causal)
+        if encoding.content_dependent:
+            sites.content = AttentionContext(
+                pos_q=ids.pos_q, pos_k=ids.pos_k, contiguous=ids.contiguous, causal=config.causal,
+                backend=config.attention_backend, idx_q=ids.idx_q, idx_k=ids.idx_k,
+            )  # fmt: skip
+        elif Site.LOGITS in encoding.sites:
+            sites.bias = encoding.logits_bias(ids.pos_q, ids.pos_k, contiguous=ids.contiguous, causal=config.causal)
+        tq, tk = ids.idx_q.shape[0], ids.idx_k.shape[0]
+        if config.window is not None:
+            allowed = window_allowed(ids.idx_q, ids.idx_k, causal=config.causal, window=config.window,
+                                     sinks=config.sinks)  # fmt: skip
+            sites.bias = _with_policy(sites.bias, allowed)
+            sites.queries = _Queries(ids.idx_q, allowed.sum(-1).to(torch.float32), tk)
+        elif config.logit_scale != "none":
+            visible = (ids.idx_q + 1).to(torch.float32) if config.causal else torch.full((tq,), float(tk))
+            sites.queries = _Queries(ids.idx_q, visible, tk)
+        return sites
 
     def _check_ids(self, position_ids: Tensor, b: int, t: int) -> Tensor:
         if position_ids.dim() == 1:

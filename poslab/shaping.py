@@ -34,6 +34,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from poslab.cache import keep_in_cache  # noqa: F401  (the eviction a window policy implies)
+
 __all__ = ["window_allowed", "visible_keys", "keep_in_cache", "LOGIT_SCALES", "LogitScale", "log_length_scale"]
 
 LOGIT_SCALES = ("none", "logn", "logn_unclamped", "length", "ssmax", "temperature")
@@ -56,11 +58,6 @@ def visible_keys(idx_q: Tensor, total: int, *, causal: bool, window: int | None,
     """How many keys of a sequence of ``total`` tokens each query sees, ``(Tq,)`` float."""
     allowed = window_allowed(idx_q, torch.arange(total, device=idx_q.device), causal=causal, window=window, sinks=sinks)
     return allowed.sum(-1).to(torch.float32)
-
-
-def keep_in_cache(idx_k: Tensor, next_query: int, *, window: int, sinks: int = 0) -> Tensor:
-    """Bool ``(Tk,)``: cached keys some query at index ``>= next_query`` can still see (causal)."""
-    return (idx_k < sinks) | (next_query - idx_k < window)
 
 
 def log_length_scale(kind: str, n: Tensor, train_length: int) -> Tensor:

@@ -238,3 +238,46 @@ def test_kernelized_attention_config_errors():
         Transformer(vocab_size=5, pe="nope", attention_params={"rpe": "shared"})
     with pytest.raises(ValidationError, match="attention"):
         Transformer(vocab_size=5, pe="nope", attention="linear")
+
+
+LENGTH_DEPENDENT = [
+    ("rope", {"rope_type": "dynamic", "factor": 4.0}),
+    ("rope", {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 16,
+              "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.0, 2.5, 4.0, 6.0]}),
+    ("self_extend", {"rope_type": "dynamic", "factor": 4.0}),
+    ("string_rope", {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 16,
+                     "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.0, 2.5, 4.0, 6.0]}),
+    ("ms_poe", {"rope_type": "dynamic", "factor": 4.0}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,scaling", LENGTH_DEPENDENT)
+@pytest.mark.parametrize("chunks", [(10, 1, 1, 1, 1, 1, 1, 24), (1,) * 40])
+def test_kv_cache_equals_full_forward_when_the_frequencies_follow_the_length(name, scaling, chunks):
+    """Past the original window (16) dynamic NTK and LongRoPE change every key's rotation
+    with the length: each decoding step must equal the full forward of the prefix so far,
+    so the cache must not keep keys rotated with an earlier step's frequencies (float64, so
+    a difference of 1e-6 is a real one).
+
+    One layer: in deeper layers the cached tokens' hidden states were computed at their own
+    (shorter) lengths, while a full forward at length T recomputes them at T; no cache can
+    reproduce that (it is the full forward that lets the length of later tokens reach
+    earlier ones)."""
+    params = {"rope_scaling": scaling, "max_position_embeddings": 16}
+    if name == "self_extend":
+        params.update(group_size=2, window=8)
+    if name == "string_rope":
+        params.update(shift=12, local=4)
+    if name == "ms_poe":
+        params.update(skip_layers=0)
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=50, d_model=32, num_layers=1, num_heads=4, pe=name,
+                        pe_params=params).double().eval()  # fmt: skip
+    x = torch.randint(0, 50, (2, sum(chunks)))
+    with torch.no_grad():
+        cache, start = model.new_cache(), 0
+        for n in chunks:
+            step = model(x[:, start : start + n], cache=cache)
+            prefix = model(x[:, : start + n])[:, start:]  # the full forward at this length
+            torch.testing.assert_close(step, prefix, atol=1e-9, rtol=1e-9, msg=f"tokens {start}..{start + n - 1}")
+            start += n

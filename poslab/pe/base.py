@@ -263,6 +263,13 @@ class PositionalEncoding(nn.Module):
         ``None`` (the default): every cached key stays visible."""
         return None
 
+    @property
+    def length_dependent(self) -> bool:
+        """The query/key transform of every id changes with the sequence's length (RoPE with
+        ``dynamic`` or ``longrope`` scaling). A KV cache then keeps keys unrotated and the
+        model rotates all of them again at each step, so decoding equals the full forward."""
+        return False
+
     def training_offset(self, span, generator: torch.Generator) -> tuple[int, ...] | None:
         """An offset per id axis to add to one training step's ids (SeqPE's random shift), or
         ``None`` (the default) to leave them as they are. ``span`` is the ids' extent."""

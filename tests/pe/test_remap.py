@@ -218,3 +218,36 @@ def test_streaming_llm_ids_inside_the_cache_and_softmax_plus_one():
     allowed = torch.ones(12, 12).tril().bool() & zero.allowed(12, 12, "cpu")
     logits_sum = (scores * allowed).sum(-1, keepdim=True)
     torch.testing.assert_close(out, plain * logits_sum / (logits_sum + 1))
+
+
+SCALINGS = [
+    {"rope_type": "dynamic", "factor": 4.0},
+    {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 8,
+     "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0], "long_factor": [1.0, 1.5, 2.5, 4.0, 5.0, 6.0, 7.0, 8.0]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("self_extend", {"group_size": 2, "window": 64}),  # every pair inside the window
+        ("string_rope", {"shift": 64, "local": 4}),  # nothing shifted
+        ("ms_poe", {"min_ratio": 1.0, "max_ratio": 1.0}),  # unit ratios
+    ],
+)
+def test_with_nothing_remapped_a_length_following_scaling_is_ropes(scaling, name, params):
+    """Past the original window (8) the frequencies follow the length in the remapped
+    encodings as in RoPE, and LongRoPE's n_hat keeps the first ids unscaled in both."""
+    common = {"rope_scaling": scaling, "max_position_embeddings": 8}
+    for n_hat in (0, 4):
+        torch.manual_seed(0)
+        model = Transformer(vocab_size=20, d_model=32, num_layers=2, num_heads=2, pe=name,
+                            pe_params={**params, **common}).double()  # fmt: skip
+        rope = Transformer(vocab_size=20, d_model=32, num_layers=2, num_heads=2, pe="rope",
+                           pe_params={**common, "n_hat": n_hat}).double()  # fmt: skip
+        rope.load_state_dict(model.state_dict())
+        model.pe.set_scaling(scaling, n_hat=n_hat)
+        x = torch.randint(0, 20, (2, 30))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), rope(x), atol=1e-10, rtol=1e-10, msg=f"n_hat={n_hat}")
