@@ -73,13 +73,27 @@ def evaluate_per_length(
 
 
 @torch.no_grad()
-def evaluate_answers(model, data: EncodedSet, task, vocab, batch_size: int = 256, slack: int = 16) -> dict[int, float]:
-    """``{length: answer exact match}`` from greedy generations (contiguous ids).
+def evaluate_answers(
+    model,
+    data: EncodedSet,
+    task,
+    vocab,
+    batch_size: int = 256,
+    slack: int = 16,
+    position_ids=None,
+    ids_read_tokens: bool = True,
+) -> dict[int, float]:
+    """``{length: answer exact match}`` from greedy generations.
 
     Each prompt is decoded with the KV cache for up to its gold target's length + ``slack``
     tokens (or until ``<eos>``); the task's ``extract_answer`` reads the generated text and
     the gold target, and a row counts when both give the same, non-empty answer.
     Prompts of equal length are generated together.
+
+    ``position_ids``: optional ``tokens -> ids`` (an id scheme in evaluation mode; default
+    contiguous ids). With ``ids_read_tokens`` it is called on the tokens so far at every
+    step (Abacus, coupled); otherwise once per batch for the whole decoding length
+    (randomized ids are drawn once, not again at every step).
     """
     model.eval()
     starts, ends = data.target_start.tolist(), data.seq_len.tolist()
@@ -93,7 +107,10 @@ def evaluate_answers(model, data: EncodedSet, task, vocab, batch_size: int = 256
             chunk = rows[k : k + batch_size]
             prompt = data.tokens[chunk, :start]
             budget = max(ends[i] - start for i in chunk) + slack
-            out = model.generate(prompt, max_new_tokens=budget, eos_token_id=EOS)
+            ids = position_ids
+            if position_ids is not None and not ids_read_tokens:
+                ids = position_ids(prompt.new_zeros(prompt.shape[0], start + budget))
+            out = model.generate(prompt, max_new_tokens=budget, eos_token_id=EOS, position_ids=ids)
             for row, i in enumerate(chunk):
                 gold = task.extract_answer(vocab.decode(data.tokens[i, start : ends[i]].tolist()))
                 got = task.extract_answer(vocab.decode(out[row, start:].tolist()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -463,6 +464,7 @@ class Transformer(nn.Module):
         max_new_tokens: int,
         eos_token_id: int | None = None,
         use_cache: bool = True,
+        position_ids: Tensor | Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Greedy decoding (ties go to the lowest token id, as ``argmax`` does).
 
@@ -472,6 +474,13 @@ class Transformer(nn.Module):
             eos_token_id: stop a row after it emits this token (later tokens repeat it);
                 stop early when every row has.
             use_cache: decode incrementally with a :class:`KVCache` (else re-run the prefix).
+            position_ids: ``None`` for contiguous ids; a tensor ``(B or 1, T + max_new_tokens)``
+                (``(..., A)`` for multi-axis ids) holding the ids of the prompt and of every
+                token to come (randomized ids sampled once); or a function from the tokens so
+                far ``(B, T')`` to their ids ``(B or 1, T')``, called at every step, for id
+                schemes that read the tokens (Abacus, coupled, bilevel). When it gives an
+                earlier token a new id, the cache is rebuilt from a full forward, so decoding
+                always equals re-running the prefix with the ids of that step.
 
         Returns:
             ``(B, T + n)`` prompt and generated tokens, ``n <= max_new_tokens``.
@@ -480,18 +489,43 @@ class Transformer(nn.Module):
             raise ValueError("generate needs a causal (decoder) model")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        total = input_ids.shape[1] + max_new_tokens
+        if isinstance(position_ids, Tensor):
+            if position_ids.dim() == 1:
+                position_ids = position_ids[None]
+            if position_ids.shape[1] != total or position_ids.shape[0] not in (1, input_ids.shape[0]):
+                raise ValueError(
+                    f"position_ids must hold the ids of the prompt and every new token: (B or 1, "
+                    f"{total}), got shape {tuple(position_ids.shape)}"
+                )
+
+        def ids_for(tokens: Tensor) -> Tensor | None:
+            if position_ids is None:
+                return None
+            if isinstance(position_ids, Tensor):
+                return position_ids[:, : tokens.shape[1]]
+            return position_ids(tokens)
+
         tokens = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         cache = self.new_cache() if use_cache else None
-        step_input = input_ids
+        seen_ids: Tensor | None = None  # the ids the cache's tokens were processed with
         for _ in range(max_new_tokens):
-            logits = self(step_input, cache=cache) if use_cache else self(tokens)
+            ids = ids_for(tokens)
+            if cache is None:
+                logits = self(tokens, position_ids=ids)
+            else:
+                past = cache.length
+                if ids is not None and seen_ids is not None and not torch.equal(ids[:, :past], seen_ids):
+                    cache, past = self.new_cache(), 0  # an earlier token's id changed: start again
+                new_ids = None if ids is None else ids[:, past:]
+                logits = self(tokens[:, past:], position_ids=new_ids, cache=cache)
+                seen_ids = ids
             nxt = logits[:, -1].argmax(-1)  # (B,)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done = done | (nxt == eos_token_id)
             tokens = torch.cat((tokens, nxt[:, None]), dim=1)
-            step_input = nxt[:, None]
             if eos_token_id is not None and bool(done.all()):
                 break
         return tokens

@@ -35,7 +35,6 @@ __all__ = [
     "scheme_parameters",
     "check_scheme",
     "table_size",
-    "contiguous_at_eval",
     "check_cover",
     "needs_tokens",
     "position_dims",
@@ -60,8 +59,6 @@ class SchemeFacts:
             sequence, for schemes that spread ids over a range (``randomized``'s ``max_len``).
         table: ``(params, longest) -> positions`` a table-based encoding must hold under the
             scheme (default: ``longest``).
-        contiguous_at_eval: ``params -> bool``: the scheme gives ``0 .. T-1`` at evaluation
-            (so greedy generation, which uses contiguous ids, scores what was trained).
         check: ``params -> None``, raising ``ValueError`` on values no signature can express.
     """
 
@@ -71,7 +68,6 @@ class SchemeFacts:
     minimums: dict[str, int] = field(default_factory=dict)
     covers: tuple[str, int] | None = None
     table: Callable[[dict[str, Any], int], int] | None = None
-    contiguous_at_eval: Callable[[dict[str, Any]], bool] = lambda params: False
     check: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -108,7 +104,7 @@ def scheme_names() -> list[str]:
     return sorted(_SCHEMES)
 
 
-@register_scheme("contiguous", SchemeFacts(contiguous_at_eval=lambda params: True))
+@register_scheme("contiguous")
 def contiguous(
     batch_size: int,
     length: int,
@@ -147,7 +143,6 @@ def _check_randomized(params: dict[str, Any]) -> None:
     SchemeFacts(
         covers=("max_len", 2048),
         table=lambda params, longest: max(longest, int(params.get("max_len", 2048))),
-        contiguous_at_eval=lambda params: params.get("eval_mode", "arange") == "arange",
         check=_check_randomized,
     ),
 )
@@ -491,11 +486,6 @@ def table_size(name: str, params: dict[str, Any], longest: int) -> int:
     """Positions a table-based encoding must hold under scheme ``name``."""
     table = facts(name).table
     return longest if table is None else table(params, longest)
-
-
-def contiguous_at_eval(name: str, params: dict[str, Any]) -> bool:
-    """Scheme ``name`` gives contiguous ids ``0 .. T-1`` at evaluation."""
-    return facts(name).contiguous_at_eval(params)
 
 
 def check_cover(name: str, params: dict[str, Any], longest: int) -> None:

@@ -77,11 +77,16 @@ def execute(
             config, inputs, training=False, generator=eval_gen, vocab=splits.vocab
         ),
     )
-    contiguous_eval = positions.contiguous_at_eval(config.positions, config.positions_params)
-    if config.scratchpad is not None and contiguous_eval:
+    if config.scratchpad is not None:
         # the published scorer reads only the final answer of a generation (tasks.md 2.13.5);
-        # generation uses contiguous ids, so schemes that read tokens are left out
-        answers = evaluate_answers(result.model, splits.test, splits.task, splits.vocab, config.eval_batch_size)
+        # generation gives every token the ids of the run's scheme in evaluation mode
+        answers = evaluate_answers(
+            result.model, splits.test, splits.task, splits.vocab, config.eval_batch_size,
+            position_ids=lambda tokens: position_ids(
+                config, tokens, training=False, generator=eval_gen, vocab=splits.vocab
+            ),
+            ids_read_tokens=positions.needs_tokens(config.positions),
+        )  # fmt: skip
         for ell, value in answers.items():
             per_length[ell]["answer_exact_match"] = value
     summary = summarize(per_length, config.train_length)

@@ -92,10 +92,11 @@ class _Scripted(torch.nn.Module):
     def __init__(self, continuations):
         super().__init__()
         self.continuations = continuations  # list of token lists, in data order
-        self.calls = []
+        self.calls, self.ids = [], []
 
-    def generate(self, prompt, max_new_tokens, eos_token_id=None):
+    def generate(self, prompt, max_new_tokens, eos_token_id=None, position_ids=None):
         self.calls.append((prompt.shape, max_new_tokens))
+        self.ids.append(position_ids)
         rows = []
         for p in prompt.tolist():
             cont = self.continuations[self.index[tuple(p)]][:max_new_tokens]
@@ -134,3 +135,41 @@ def test_answer_exact_match_reads_only_the_final_answer_of_a_generation():
     got = evaluate_answers(model, data, task, vocab, batch_size=3)
     assert got == {2: 0.5, 3: 0.5}
     assert all(budget >= 16 for _, budget in model.calls)
+
+
+def test_answer_generation_gets_the_run_s_ids():
+    """A scheme that reads tokens gets the tokens so far at every step (the function is
+    passed on); one that does not is called once on the whole decoding length."""
+    from poslab.data import encode_examples
+    from poslab.evaluate import evaluate_answers
+    from poslab.tasks import get_task
+    from poslab.tasks.scratchpad import ScratchpadTask
+
+    task = ScratchpadTask(get_task("addition"), "i1_c1_o1_v1_r1")
+    vocab = task.vocabulary()
+    examples = task.generate("test", [2], 2, seed=0)
+    data = encode_examples(examples, vocab)
+    model = _Scripted([vocab.encode(ex.target) for ex in examples])
+    model.index = {tuple(data.tokens[i, : int(data.target_start[i])].tolist()): i for i in range(len(examples))}
+
+    def spread(tokens):
+        return torch.arange(tokens.shape[1])[None] * 3
+
+    evaluate_answers(model, data, task, vocab, position_ids=spread, ids_read_tokens=True)
+    assert model.ids == [spread]
+    model.calls, model.ids = [], []
+    evaluate_answers(model, data, task, vocab, position_ids=spread, ids_read_tokens=False)
+    (shape, budget), ids = model.calls[0], model.ids[0]
+    assert torch.equal(ids, spread(torch.zeros(1, shape[1] + budget)))
+
+
+def test_a_scratchpad_run_with_token_reading_ids_scores_its_answers():
+    from poslab.config import RunConfig
+    from poslab.runner import execute
+
+    config = RunConfig.create(
+        task="addition", scratchpad="i1_c1_o1_v1_r1", pe="learned", positions="abacus", train_length="1:2",
+        test_length="1:3", steps=2, d_model=16, num_heads=2, num_layers=1, train_examples=20, test_per_length=2,
+    )  # fmt: skip
+    record = execute(config, progress=False)
+    assert all("answer_exact_match" in row for row in record["per_length"].values())

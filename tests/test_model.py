@@ -281,3 +281,46 @@ def test_kv_cache_equals_full_forward_when_the_frequencies_follow_the_length(nam
             prefix = model(x[:, : start + n])[:, start:]  # the full forward at this length
             torch.testing.assert_close(step, prefix, atol=1e-9, rtol=1e-9, msg=f"tokens {start}..{start + n - 1}")
             start += n
+
+
+@pytest.mark.parametrize("name", ["learned", "rope", "alibi", "sinusoidal"])
+def test_generate_with_given_ids_equals_greedy_over_the_full_forward(name):
+    """Ids for the prompt and every new token (randomized ids sampled once): each greedy
+    token is the argmax of a full forward with those ids, with and without the cache."""
+    model = _model(name)
+    prompt = torch.randint(0, 50, (2, 5))
+    ids = torch.sort(torch.randperm(60)[:13]).values[None]  # sorted, spread: not 0..12
+    out = model.generate(prompt, max_new_tokens=8, position_ids=ids)
+    assert torch.equal(out, model.generate(prompt, max_new_tokens=8, position_ids=ids, use_cache=False))
+    with torch.no_grad():
+        for t in range(5, 13):
+            assert torch.equal(model(out[:, :t], position_ids=ids[:, :t])[:, -1].argmax(-1), out[:, t])
+    with torch.no_grad():  # the ids matter to this encoding
+        assert not torch.allclose(model(out, position_ids=ids), model(out), atol=1e-4)
+    with pytest.raises(ValueError, match=r"\(B or 1, 13\)"):
+        model.generate(prompt, max_new_tokens=8, position_ids=ids[:, :12])
+
+
+def test_generate_with_ids_computed_from_the_tokens_rebuilds_the_cache_when_they_change():
+    model = _model("learned")
+    prompt = torch.randint(0, 50, (2, 4))
+    calls = []
+
+    def countdown(tokens):  # every token's id changes at every step (ids count down to 0)
+        calls.append(tokens.shape[1])
+        return torch.arange(tokens.shape[1] - 1, -1, -1)[None]
+
+    def digit_like(tokens):  # ids that only depend on earlier tokens: the cache stays valid
+        return (tokens < 25).long().cumsum(-1)
+
+    for fn in (countdown, digit_like):
+        cached, plain = (
+            model.generate(prompt, 6, position_ids=fn),
+            model.generate(prompt, 6, position_ids=fn, use_cache=False),
+        )
+        assert torch.equal(cached, plain)
+        with torch.no_grad():
+            for t in range(4, 10):
+                want = model(cached[:, :t], position_ids=fn(cached[:, :t]))[:, -1].argmax(-1)
+                assert torch.equal(want, cached[:, t])
+    assert calls[:6] == [4, 5, 6, 7, 8, 9]
