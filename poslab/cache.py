@@ -49,6 +49,7 @@ class KVCache:
         self.seen = 0
         self.contiguous = True
         self.keep: Tensor | None = None
+        self.key_mask: Tensor | None = None  # (B, Tk) False on padding keys; None: no padding
 
     @property
     def length(self) -> int:
@@ -67,6 +68,8 @@ class KVCache:
         self.keep = keep  # the layers' keys and values follow in update()
         self.positions = self.positions[:, keep]
         self.indices = self.indices[keep]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[:, keep]
         return True
 
     def key_positions(self, position_ids: Tensor) -> Tensor:
@@ -87,10 +90,26 @@ class KVCache:
         """Sequence indices of every key this step sees (cached, then this step's)."""
         return idx_q if self.indices is None else torch.cat((self.indices, idx_q))
 
-    def advance(self, pos_k: Tensor, idx_k: Tensor, tokens: int, contiguous: bool) -> None:
-        """After a step's ids are known: remember every key's id and index, and that
+    def key_padding(self, mask: Tensor | None, batch: int, tokens: int) -> Tensor | None:
+        """The padding mask of every key this step sees, ``(B, Tk)`` (``None``: no padding
+        so far); ``mask`` is this step's ``(B, T)`` or ``None`` (no padding)."""
+        if mask is None and self.key_mask is None:
+            return None
+        device = (mask if mask is not None else self.key_mask).device
+        old = self.key_mask
+        if old is None:
+            old = torch.ones(
+                batch, 0 if self.indices is None else self.indices.shape[0], dtype=torch.bool, device=device
+            )
+        new = mask if mask is not None else torch.ones(batch, tokens, dtype=torch.bool, device=device)
+        return torch.cat((old.expand(batch, -1), new), dim=1)
+
+    def advance(
+        self, pos_k: Tensor, idx_k: Tensor, tokens: int, contiguous: bool, key_mask: Tensor | None = None
+    ) -> None:
+        """After a step's ids are known: remember every key's id, index and padding, and that
         ``tokens`` more were processed."""
-        self.positions, self.indices = pos_k, idx_k
+        self.positions, self.indices, self.key_mask = pos_k, idx_k, key_mask
         self.seen += tokens
         self.contiguous = contiguous
 

@@ -26,7 +26,7 @@ __all__ = ["evaluate_per_length", "evaluate_answers", "summarize"]
 
 def _batches(data: EncodedSet, batch_size: int, causal: bool) -> list[Tensor]:
     """Row indices of each evaluation batch, similar lengths together. A bidirectional model
-    reads every key, right padding included (there is no padding mask), so its batches hold
+    reads every key, right padding included unless masked, so its batches hold
     rows of one token length only; a causal model never sees the padding after a row."""
     order = torch.argsort(data.seq_len, stable=True)
     if causal:

@@ -189,6 +189,7 @@ class _Ids:
     idx_q: Tensor  # (Tq,)
     idx_k: Tensor  # (Tk,)
     contiguous: bool  # pos_k = 0 .. Tk-1 in every row (Toeplitz fast paths)
+    key_mask: Tensor | None = None  # (B, Tk) False on padding keys; None: no padding
 
 
 @dataclasses.dataclass
@@ -210,9 +211,12 @@ class _Sites:
 
 
 def _with_policy(bias: AttentionBias | list | None, allowed: Tensor) -> AttentionBias | list:
-    """The bias with the keys a mask policy hides at float32's minimum."""
+    """The bias with the keys a mask policy or padding hides at float32's minimum; ``allowed``
+    is ``(Tq, Tk)`` or ``(B, 1, Tq or 1, Tk)``."""
+    if allowed.dim() == 2:
+        allowed = allowed[None, None]
     hidden = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
-    hidden = hidden.masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]  # (1, 1, Tq, Tk)
+    hidden = hidden.masked_fill(~allowed, torch.finfo(torch.float32).min)
     if bias is None:
         return AttentionBias(dense=hidden)
     if isinstance(bias, list):
@@ -267,7 +271,7 @@ class SelfAttention(nn.Module):
             y = encoding.attend(q, k, v, dataclasses.replace(sites.content, x=x, layer=layer, state=state))
         elif self.kernel is not None:
             ids = sites.kernel_ids
-            y = self.kernel(q, k, v, ids.pos_q, ids.pos_k, ids.contiguous)
+            y = self.kernel(q, k, v, ids.pos_q, ids.pos_k, ids.contiguous, key_mask=ids.key_mask)
         else:
             y = attention(q, k, v, causal=self.config.causal, bias=bias, backend=self.config.attention_backend)
         return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d_model)
@@ -345,6 +349,7 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
         inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits for every token.
 
@@ -355,12 +360,17 @@ class Transformer(nn.Module):
             cache: a :class:`KVCache` to read and extend (incremental decoding).
             inputs_embeds: ``(B, T, d_model)`` vectors used instead of the token embeddings
                 (image patches, for instance).
+            attention_mask: ``(B, T)`` bool (or 0/1), False on padding: no query attends to
+                those keys (rows of several lengths in one batch, right or left padded). The
+                logits at padding positions are meaningless. With a cache it covers this
+                step's tokens; the cache remembers the earlier ones'.
 
         Returns:
             ``(B, T, vocab_size)`` logits.
         """
         b, t, device = self._check_inputs(input_ids, inputs_embeds, cache)
-        ids = self._ids(b, t, device, position_ids, cache)  # site 1: ids
+        mask = self._check_mask(attention_mask, b, t)
+        ids = self._ids(b, t, device, position_ids, cache, mask)  # site 1: ids
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         if Site.INPUT in self.pe.sites:  # site 2: the input
             x = x * self.pe.token_scale() + self.pe.input_embedding(ids.pos_q).to(x.dtype)
@@ -389,7 +399,25 @@ class Transformer(nn.Module):
             raise ValueError("a KV cache needs a causal (decoder) model; this one is an encoder")
         return b, t, (inputs_embeds if inputs_embeds is not None else input_ids).device
 
-    def _ids(self, b: int, t: int, device, position_ids: Tensor | None, cache: KVCache | None) -> _Ids:
+    def _check_mask(self, attention_mask: Tensor | None, b: int, t: int) -> Tensor | None:
+        """The padding mask as bool ``(B, T)``; ``None`` when absent or when nothing is padded."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != (b, t):
+            raise ValueError(f"attention_mask must be (B, T) = ({b}, {t}), got shape {tuple(attention_mask.shape)}")
+        mask = attention_mask.bool()
+        if bool(mask.all()):
+            return None
+        if self.pe.content_dependent and not self.pe.key_padding:
+            raise ValueError(
+                f"pe={self.config.pe!r} computes its own attention and takes no padding mask; pass rows of one "
+                "length, or use an encoding that does (e.g. shaw, rope, t5)"
+            )
+        return mask
+
+    def _ids(
+        self, b: int, t: int, device, position_ids: Tensor | None, cache: KVCache | None, mask: Tensor | None = None
+    ) -> _Ids:
         """Every query's and key's id and sequence index; evicts what the cache no longer needs."""
         past = cache.length if cache is not None else 0
         contiguous = position_ids is None and (cache is None or cache.contiguous)
@@ -400,12 +428,14 @@ class Transformer(nn.Module):
             position_ids = self._check_ids(position_ids, b, t)
         idx_q = torch.arange(past, past + t, device=device)
         if cache is None:
-            return _Ids(position_ids, position_ids, idx_q, idx_q, contiguous)
+            return _Ids(position_ids, position_ids, idx_q, idx_q, contiguous, mask)
         policy = (self.config.window, self.config.sinks) if self.config.window else self.pe.cache_window
         if cache.evict(policy):  # keys no later query can see leave the cache (all layers, this step)
             contiguous = False
-        ids = _Ids(position_ids, cache.key_positions(position_ids), idx_q, cache.key_indices(idx_q), contiguous)
-        cache.advance(ids.pos_k, ids.idx_k, t, contiguous)
+        key_mask = cache.key_padding(mask, b, t)
+        ids = _Ids(position_ids, cache.key_positions(position_ids), idx_q, cache.key_indices(idx_q), contiguous,
+                   key_mask)  # fmt: skip
+        cache.advance(ids.pos_k, ids.idx_k, t, contiguous, key_mask)
         return ids
 
     def _sites(self, ids: _Ids, dtype: torch.dtype, cache: KVCache | None) -> _Sites:
@@ -428,14 +458,17 @@ class Transformer(nn.Module):
                     f"attention='kernelized_rpe' takes one id per token, got position_ids of shape "
                     f"{tuple(ids.pos_q.shape)}"
                 )
-            sites.kernel_ids = AttentionContext(ids.pos_q, ids.pos_k, ids.contiguous, config.causal)
+            sites.kernel_ids = AttentionContext(ids.pos_q, ids.pos_k, ids.contiguous, config.causal,
+                                                key_mask=ids.key_mask)  # fmt: skip
         if encoding.content_dependent:
             sites.content = AttentionContext(
                 pos_q=ids.pos_q, pos_k=ids.pos_k, contiguous=ids.contiguous, causal=config.causal,
-                backend=config.attention_backend, idx_q=ids.idx_q, idx_k=ids.idx_k,
+                backend=config.attention_backend, idx_q=ids.idx_q, idx_k=ids.idx_k, key_mask=ids.key_mask,
             )  # fmt: skip
         elif Site.LOGITS in encoding.sites:
             sites.bias = encoding.logits_bias(ids.pos_q, ids.pos_k, contiguous=ids.contiguous, causal=config.causal)
+        if ids.key_mask is not None and not encoding.content_dependent and config.attention == "softmax":
+            sites.bias = _with_policy(sites.bias, ids.key_mask[:, None, None, :])  # padding keys hidden
         tq, tk = ids.idx_q.shape[0], ids.idx_k.shape[0]
         if config.window is not None:
             allowed = window_allowed(ids.idx_q, ids.idx_k, causal=config.causal, window=config.window,

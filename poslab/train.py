@@ -87,8 +87,9 @@ def pool_batch(data: EncodedSet, batch_size: int, generator: torch.Generator, en
     """A training batch drawn from the pool ``data`` with ``generator``.
 
     A decoder's rows are drawn uniformly; right padding comes after every position it predicts
-    from. An encoder attends in both directions and has no padding mask, so its batch holds
-    rows of one token length: one row is drawn uniformly and fixes the length, and the batch is
+    from. An encoder attends in both directions, so its batch holds rows of one token length
+    (no padding at all; the model's ``attention_mask`` would also hide it, but this keeps the
+    stored runs' batches): one row is drawn uniformly and fixes the length, and the batch is
     drawn uniformly from the rows of that length (lengths keep their share of the pool).
     """
     n = len(data)

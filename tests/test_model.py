@@ -324,3 +324,62 @@ def test_generate_with_ids_computed_from_the_tokens_rebuilds_the_cache_when_they
                 want = model(cached[:, :t], position_ids=fn(cached[:, :t]))[:, -1].argmax(-1)
                 assert torch.equal(want, cached[:, t])
     assert calls[:6] == [4, 5, 6, 7, 8, 9]
+
+
+PADDED = [n for n in ALL if not pe.get(n).causal_only and (not pe.get(n).content_dependent or pe.get(n).key_padding)]
+
+
+@pytest.mark.parametrize("name", PADDED)
+def test_an_encoder_with_a_padding_mask_reads_each_row_as_if_alone(name):
+    model = _model(name, causal=False)
+    x = torch.randint(0, 50, (3, 11))
+    lengths = [11, 7, 4]
+    mask = torch.arange(11)[None] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        batch = model(x, attention_mask=mask)
+        for row, n in enumerate(lengths):
+            alone = model(x[row : row + 1, :n])
+            torch.testing.assert_close(batch[row : row + 1, :n], alone, atol=1e-5, rtol=1e-5, msg=name)
+        assert not torch.allclose(model(x)[1, :7], batch[1, :7], atol=1e-4)  # the padding mattered
+
+
+def test_padding_mask_reaches_kernelized_attention_and_gradients():
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=50, d_model=32, num_layers=2, num_heads=4, pe="nope", causal=False,
+                        attention="kernelized_rpe", attention_params={"qk_norm": "l2"})  # fmt: skip
+    x = torch.randint(0, 50, (2, 9))
+    mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
+    batch = model(x, attention_mask=mask)
+    torch.testing.assert_close(batch[1:, :5], model(x[1:, :5]), atol=1e-5, rtol=1e-5)
+    t5 = _model("t5", causal=False).train()
+    out = t5(x, attention_mask=mask)
+    out[1, :5].sum().backward()
+    grads = {n: p.grad.clone() for n, p in t5.named_parameters() if p.grad is not None}
+    t5.zero_grad()
+    t5(x[1:, :5])[0].sum().backward()
+    for n, p in t5.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_padding_mask_is_refused_where_it_cannot_act_and_checked():
+    model = _model("cope")
+    x = torch.randint(0, 50, (2, 6))
+    with pytest.raises(ValueError, match="takes no padding mask"):
+        model(x, attention_mask=torch.tensor([[1] * 6, [1] * 4 + [0] * 2]))
+    torch.testing.assert_close(model(x, attention_mask=torch.ones(2, 6)), model(x))  # no padding: no error
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, T\) = \(2, 6\)"):
+        _model("rope")(x, attention_mask=torch.ones(6))
+
+
+def test_a_decoder_with_left_padding_and_a_cache_matches_each_row_alone():
+    model = _model("alibi")
+    x = torch.randint(0, 50, (2, 10))
+    mask = torch.tensor([[True] * 10, [False] * 3 + [True] * 7])
+    ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # the real tokens of row 1 start at id 0
+    with torch.no_grad():
+        cache = model.new_cache()
+        first = model(x[:, :6], position_ids=ids[:, :6], cache=cache, attention_mask=mask[:, :6])
+        rest = model(x[:, 6:], position_ids=ids[:, 6:], cache=cache)
+        alone = model(x[1:, 3:])
+    torch.testing.assert_close(torch.cat((first, rest), 1)[1:, 3:], alone, atol=1e-5, rtol=1e-5)

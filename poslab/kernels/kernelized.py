@@ -212,17 +212,30 @@ class KernelizedRPEAttention(nn.Module):
             return torch.zeros((1, *offsets.shape), device=offsets.device)
         return self.rpe[:, offsets.clamp(-self.radius, self.radius) + self.radius]
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, pos_q: Tensor, pos_k: Tensor, contiguous: bool) -> Tensor:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos_q: Tensor,
+        pos_k: Tensor,
+        contiguous: bool,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
         """``(B, H, Tq, D)`` outputs; the queries are the last ``Tq`` of the ``Tk`` keys.
 
         ``pos_q`` ``(B or 1, Tq)`` and ``pos_k`` ``(B or 1, Tk)`` are the position ids; with
         ``contiguous`` they are ``offset + arange`` and the Toeplitz kernel applies.
+        ``key_mask`` ``(B, Tk)``: False on padding keys, whose features are zeroed (they add
+        nothing to any numerator or normalizer).
         """
         if self.training and self.redraw_interval:
             if self._steps and self._steps % self.redraw_interval == 0:
                 self.redraw()
             self._steps += 1
         qf, kf = self.features(q, is_query=True), self.features(k, is_query=False)
+        if key_mask is not None:
+            kf = kf * key_mask[:, None, :, None].to(kf.dtype)  # (B, 1, Tk, 1)
         tq, tk = q.shape[-2], k.shape[-2]
         dtype = q.dtype
         if contiguous and tq == tk:

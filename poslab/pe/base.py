@@ -112,6 +112,7 @@ class AttentionContext:
             without a cache. An encoding stores there whatever incremental decoding needs.
         idx_q, idx_k: ``(Tq,)`` / ``(Tk,)`` sequence indices of the queries and of the keys
             (the cache may have dropped keys no query can see any more).
+        key_mask: ``(B, Tk)`` bool, False on padding keys no query may see; ``None``: none.
     """
 
     pos_q: Tensor
@@ -124,6 +125,7 @@ class AttentionContext:
     idx_k: Tensor | None = None
     layer: int = 0
     state: dict | None = None
+    key_mask: Tensor | None = None
 
 
 class PositionalEncoding(nn.Module):
@@ -150,6 +152,8 @@ class PositionalEncoding(nn.Module):
         uses_position_ids: ``False`` when ids never matter (NoPE; CoPE counts from content).
         causal_only: defined for decoders only; building it for an encoder is an error.
         position_dims: ids per token: 1 (``(B, T)`` ids) or more (``(B, T, A)``, e.g. 2-D RoPE).
+        key_padding: a content-dependent encoding that honours ``AttentionContext.key_mask``
+            (padding keys); the others compute attention without it and refuse a padding mask.
         scalable: a rotary encoding the context-extension methods start from (they rescale its
             frequencies or remap its distances); the remapped encodings themselves are not.
     """
@@ -164,6 +168,7 @@ class PositionalEncoding(nn.Module):
     causal_only: ClassVar[bool] = False
     position_dims: ClassVar[int] = 1
     scalable: ClassVar[bool] = False
+    key_padding: ClassVar[bool] = False
     layer_sets: int = 1  # parameter sets, one per layer when > 1 (see logits_bias)
     current_layer: int = 0
 

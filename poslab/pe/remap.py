@@ -27,6 +27,7 @@ class _TwoBranchRoPE(RoPE):
     """RoPE whose logits use remapped ids for some query-key pairs."""
 
     content_dependent = True
+    key_padding = True
     scalable = False  # already a context-extension method
 
     def _logits(self, q: Tensor, k: Tensor, ids_q: Tensor, ids_k: Tensor, length: int) -> Tensor:
@@ -56,6 +57,8 @@ class _TwoBranchRoPE(RoPE):
         keep = causal_mask(tq, tk, q.device) if ctx.causal else torch.ones(tq, tk, dtype=torch.bool, device=q.device)
         if allowed is not None:
             keep = keep & allowed
+        if ctx.key_mask is not None:
+            keep = keep & ctx.key_mask[:, None, None, :]  # (B, 1, Tq, Tk)
         logits = logits.masked_fill(~keep, float("-inf"))
         if getattr(self, "zero_sink", False):  # softmax + 1: an extra key with logit 0 and a zero value
             logits = torch.cat((logits, torch.zeros_like(logits[..., :1])), dim=-1)
@@ -346,6 +349,7 @@ class MsPoE(RoPE):
         "Zhang (Zhenyu), 2024, arXiv 2403.04797"
     )
     content_dependent = True
+    key_padding = True
     scalable = False  # already a context-extension method
 
     def __init__(
@@ -438,6 +442,11 @@ class MsPoE(RoPE):
         length = int(ctx.pos_k.max()) + 1 if ctx.pos_k.numel() else None
         qr, kr = self._rotate(q, ctx.pos_q, ratios, length), self._rotate(k, ctx.pos_k, ratios, length)
         tq, tk = q.shape[-2], k.shape[-2]
+        if ctx.key_mask is not None:  # padding keys: one boolean mask with the direction's
+            keep = ctx.key_mask[:, None, None, :]
+            if ctx.causal:
+                keep = keep & causal_mask(tq, tk, q.device)
+            return torch.nn.functional.scaled_dot_product_attention(qr, kr, v, attn_mask=keep)
         if not ctx.causal:
             return torch.nn.functional.scaled_dot_product_attention(qr, kr, v)
         if tq == tk:

@@ -86,6 +86,7 @@ class ShawRelative(PositionalEncoding):
     relative = True
     integer_positions = True
     content_dependent = True
+    key_padding = True
 
     def __init__(
         self,
@@ -170,7 +171,10 @@ class ShawRelative(PositionalEncoding):
         if self.key_table is not None:
             rel = self.relative_key_logits(q.to(work), ctx, tk) * scale
         visible = torch.arange(tk, device=q.device)[None, :] <= first + torch.arange(tq, device=q.device)[:, None]
+        padding = None if ctx.key_mask is None else ~ctx.key_mask[:, None, None, :]  # (B, 1, 1, Tk)
         if self.value_table is None and ctx.backend != "explicit":
+            if padding is not None:
+                rel = rel.masked_fill(padding, torch.finfo(rel.dtype).min)
             if first == tk - tq:  # the usual layout: the fast paths of poslab.attention
                 return attention(q, k, v, causal=ctx.causal, bias=AttentionBias(dense=rel), backend=ctx.backend)
             mask = rel.to(q.dtype)
@@ -182,6 +186,8 @@ class ShawRelative(PositionalEncoding):
             logits = logits + rel
         if ctx.causal:
             logits = logits.masked_fill(~visible, float("-inf"))
+        if padding is not None:
+            logits = logits.masked_fill(padding, float("-inf"))
         probs = logits.softmax(-1)
         out = torch.matmul(probs, v.to(work))
         if self.value_table is not None:
