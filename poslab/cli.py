@@ -49,6 +49,18 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def name_values(flag: str, items: list[str] | None) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` from a repeatable ``--flag NAME=VALUE`` -> ``{"a": 1, "b": "x"}``
+    (values read as JSON when they parse, else as text). The one parser of every such flag."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{flag} takes NAME=VALUE, got {item!r}")
+        out[name.strip()] = _parse_value(value)
+    return out
+
+
 def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
     from poslab.config import load_toml
 
@@ -70,27 +82,35 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "attention": args.attention,
         "test_task": args.test_task,
         "train_data": args.train_data,
+        "d_ff": args.d_ff,
+        "dropout": args.dropout,
+        "window": args.window,
+        "sinks": args.sinks,
+        "logit_scale": args.logit_scale,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
     for flag, field, items in (
         ("--pe-param", "pe_params", args.pe_param),
         ("--positions-param", "positions_params", args.positions_param),
         ("--attention-param", "attention_params", args.attention_param),
+        ("--logit-scale-param", "logit_scale_params", args.logit_scale_param),
     ):
-        for item in items or []:
-            if "=" not in item:
-                raise SystemExit(f"{flag} takes NAME=VALUE, got {item!r}")
-            key, value = item.split("=", 1)
-            fields.setdefault(field, {})[key] = _parse_value(value)
+        given = name_values(flag, items)
+        if given:
+            fields[field] = {**fields.get(field, {}), **given}
     return fields
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from poslab.config import RunConfig
+    from poslab.config import ConfigError, RunConfig
     from poslab.runner import execute
     from poslab.store import ResultStore
 
-    config = RunConfig.create(**_run_fields(args))  # fails here, before any work
+    try:
+        fields = _run_fields(args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    config = RunConfig.create(**fields)  # fails here, before any work
     store = ResultStore(args.db)
     run_id = config.run_id()
     existing = store.records(run_ids=[run_id])
@@ -197,17 +217,12 @@ def cmd_lm(args: argparse.Namespace) -> int:
             fields = {k: getattr(args, k) for k in LM_FIELDS if getattr(args, k) is not None}
             if args.pe is not None:
                 fields["pe"] = args.pe
-            for item in args.pe_param or []:
-                if "=" not in item:
-                    raise ValueError(f"--pe-param takes NAME=VALUE, got {item!r}")
-                key, value = item.split("=", 1)
-                fields.setdefault("pe_params", {})[key] = _parse_value(value)
+            if args.pe_param:
+                fields["pe_params"] = name_values("--pe-param", args.pe_param)
             try:
                 cfg = lm.LMConfig(**fields)
             except ValidationError as err:
-                raise ValueError(
-                    format_validation_error(err).replace("invalid run config", "invalid lm config")
-                ) from None
+                raise ValueError(format_validation_error(err, "lm config")) from None
             record = lm.pretrain(cfg, args.out, progress=not args.no_progress)
             print(
                 json.dumps({k: record[k] for k in ("config", "corpus")} | {"final_loss": record["train"]["final_loss"]})
@@ -312,13 +327,12 @@ def cmd_vit(args: argparse.Namespace) -> int:
         fields: dict[str, Any] = {"pe": args.pe, "train_grid": args.train_grid, "steps": args.steps, "seed": args.seed}
         if args.test_grids:
             fields["test_grids"] = _ints(args.test_grids, "--test-grids")
-        for item in args.pe_param or []:
-            key, _, value = item.partition("=")
-            fields.setdefault("pe_params", {})[key] = _parse_value(value)
+        if args.pe_param:
+            fields["pe_params"] = name_values("--pe-param", args.pe_param)
         try:
             cfg = vision.ViTConfig(**{k: v for k, v in fields.items() if v is not None})
         except ValidationError as err:
-            raise ValueError(format_validation_error(err).replace("invalid run config", "invalid vit run")) from None
+            raise ValueError(format_validation_error(err, "vit run")) from None
         record = vision.run_vit(cfg, progress=not args.no_progress)
         print(json.dumps(record if args.json else record["accuracy"], indent=2))
         return 0
@@ -350,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-length", help="LO:HI, inclusive")
     p.add_argument("--test-length", help="LO:HI, inclusive")
     p.add_argument("--scratchpad", help="scratchpad parts, e.g. i1_c1_o1_v1_r1 (math tasks and LEGO)")
-    p.add_argument("--positions", help="position-id scheme: contiguous (default) or randomized")
+    from poslab.positions import scheme_names
+    from poslab.shaping import LOGIT_SCALES
+
+    p.add_argument("--positions", help="position-id scheme: " + ", ".join(scheme_names()) + " (default contiguous)")
     p.add_argument("--positions-param", action="append", metavar="NAME=VALUE", help="id-scheme parameter, repeatable")
     p.add_argument("--attention", help="softmax (default) or kernelized_rpe")
     p.add_argument(
@@ -368,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int)
     p.add_argument("--num-layers", type=int)
     p.add_argument("--num-heads", type=int)
+    p.add_argument("--d-ff", type=int, help="MLP width (default 4 x d_model)")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--window", type=int, help="sliding-window attention: keys within W of each query")
+    p.add_argument("--sinks", type=int, help="first keys every query sees beside the window (attention sinks)")
+    p.add_argument("--logit-scale", help="per-query logit temperature: " + ", ".join(LOGIT_SCALES))
+    p.add_argument(
+        "--logit-scale-param", action="append", metavar="NAME=VALUE", help="train_length or init, repeatable"
+    )
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.add_argument("--run-dir", help="run directory (default RUNS_DIR/<run id>)")
     p.add_argument("--force", action="store_true", help="rerun even if the database has this run")

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from poslab import pe as pe_lib
 from poslab import tasks
@@ -57,6 +57,10 @@ class RunConfig(BaseModel):
     positions_params: dict[str, Any] = Field(default_factory=dict, description="id-scheme parameters")
     attention: str = Field("softmax", description="softmax, or kernelized_rpe (kernelized attention + Toeplitz RPE)")
     attention_params: dict[str, Any] = Field(default_factory=dict, description="kernelized attention parameters")
+    window: int | None = Field(None, gt=0, description="sliding window W (causal: 0 <= i - j < W); None = full")
+    sinks: int = Field(0, ge=0, description="first keys every query sees (attention sinks); needs a window")
+    logit_scale: str = Field("none", description="per-query logit temperature (poslab.shaping.LOGIT_SCALES)")
+    logit_scale_params: dict[str, Any] = Field(default_factory=dict, description="train_length, init")
     steps: int = Field(2000, gt=0)
     seed: int = Field(0, ge=0, description="model and batch-order seed")
     data_seed: int = Field(0, ge=0, description="seed of the generated splits")
@@ -79,6 +83,7 @@ class RunConfig(BaseModel):
     )
     test_per_length: int = Field(50, gt=0, description="test examples per evaluated length")
     eval_batch_size: int = Field(256, gt=0)
+    _model: Any = PrivateAttr(None)  # the validated TransformerConfig (transformer_config)
 
     @field_validator("task")
     @classmethod
@@ -149,19 +154,27 @@ class RunConfig(BaseModel):
                 f"pe_params {sorted(unknown)} are not parameters of {self.pe!r}; "
                 f"valid: {', '.join(pe_lib.parameters(self.pe))}"
             )
-        from poslab.model import TransformerConfig
+        from poslab.model import transformer_config
 
-        TransformerConfig(  # the encoding validates its parameter values before any work
-            vocab_size=1,
-            d_model=self.d_model,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            pe=self.pe,
-            pe_params=self.pe_params,
-            attention=self.attention,
-            attention_params=self.attention_params,
+        # the model this run trains, validated once (the encoding checks its parameter values
+        # here, before any work); only its table size waits for the data (transformer_config)
+        vocab = task.vocabulary()
+        if self.scratchpad is not None:
+            from poslab.tasks.scratchpad import ScratchpadTask
+
+            vocab = ScratchpadTask(task, self.scratchpad).vocabulary()
+        self._model = transformer_config(
+            self,
+            vocab_size=len(vocab),
+            causal=not getattr(task, "encoder", False),
+            max_seq_len=positions.table_size(self.positions, self.positions_params, self.test_length[1]),
         )
         return self
+
+    def transformer_config(self, vocab_size: int, max_seq_len: int):
+        """The validated :class:`~poslab.model.TransformerConfig` of this run, sized for its
+        data (``max_seq_len``: the longest token sequence under the id scheme)."""
+        return self._model.model_copy(update={"vocab_size": vocab_size, "max_seq_len": max_seq_len})
 
     # fields added after runs were stored: left out of the hash while at their default, so
     # earlier run ids stay valid
@@ -172,6 +185,10 @@ class RunConfig(BaseModel):
         "attention_params": {},
         "test_task": None,
         "train_data": "pool",
+        "window": None,
+        "sinks": 0,
+        "logit_scale": "none",
+        "logit_scale_params": {},
     }
 
     def canonical(self) -> dict[str, Any]:
@@ -196,8 +213,9 @@ class RunConfig(BaseModel):
             raise ConfigError(format_validation_error(err)) from None
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem: ``field: message (got value)``."""
+def format_validation_error(err: ValidationError, what: str = "run config") -> str:
+    """``invalid <what>:`` then one line per problem: ``field: message (got value)``. The one
+    formatter of every config the command line validates (runs, sweeps, the LM lab, the ViT)."""
     lines = []
     for e in err.errors():
         where = ".".join(str(x) for x in e["loc"]) or "config"
@@ -205,7 +223,7 @@ def format_validation_error(err: ValidationError) -> str:
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{where}: {msg}{shown}")
-    return "invalid run config:\n  " + "\n  ".join(lines)
+    return f"invalid {what}:\n  " + "\n  ".join(lines)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

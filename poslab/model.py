@@ -23,7 +23,7 @@ from poslab.kernels import kernelized as kernel_lib
 from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Rotary, Site
 from poslab.shaping import LOGIT_SCALES, LogitScale, window_allowed
 
-__all__ = ["TransformerConfig", "Transformer", "KVCache"]
+__all__ = ["TransformerConfig", "Transformer", "KVCache", "transformer_config"]
 
 
 class TransformerConfig(BaseModel):
@@ -88,6 +88,15 @@ class TransformerConfig(BaseModel):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+
+def transformer_config(source: BaseModel, **given: Any) -> TransformerConfig:
+    """The one mapping from a lab's config (a run, the LM lab, the ViT) to its model: every
+    :class:`TransformerConfig` field the source config also has, by name, then ``given``
+    (what the lab decides itself: ``vocab_size``, ``max_seq_len``, ``causal``, ...)."""
+    own = type(source).model_fields
+    fields = {name: getattr(source, name) for name in TransformerConfig.model_fields if name in own}
+    return TransformerConfig(**{**fields, **given})
 
 
 def _check_shaping(config: TransformerConfig) -> None:

@@ -100,23 +100,11 @@ def pool_batch(data: EncodedSet, batch_size: int, generator: torch.Generator, en
     return data.batch(rows[torch.randint(0, len(rows), (batch_size,), generator=generator)])
 
 
-def build_model(config: RunConfig, vocab_size: int, max_seq_len: int, causal: bool = True) -> Transformer:
-    """The run's model: a decoder, or an encoder (``causal=False``) for encoder tasks."""
+def build_model(config: RunConfig, vocab_size: int, max_seq_len: int) -> Transformer:
+    """The run's model (a decoder, or an encoder for encoder tasks) from the config its
+    :class:`RunConfig` validated, sized for the id scheme's longest id."""
     max_seq_len = positions.table_size(config.positions, config.positions_params, max_seq_len)
-    return Transformer(
-        vocab_size=vocab_size,
-        causal=causal,
-        d_model=config.d_model,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        d_ff=config.d_ff,
-        dropout=config.dropout,
-        pe=config.pe,
-        pe_params=config.pe_params,
-        max_seq_len=max_seq_len,
-        attention=config.attention,
-        attention_params=config.attention_params,
-    )
+    return Transformer(config.transformer_config(vocab_size, max_seq_len))
 
 
 def check_positions(config: RunConfig, longest: int) -> None:
@@ -283,7 +271,7 @@ def train(
         )
     torch.manual_seed(config.seed)
     encoder = getattr(splits.task, "encoder", False)
-    model = build_model(config, len(splits.vocab), splits.max_seq_len, causal=not encoder)
+    model = build_model(config, len(splits.vocab), splits.max_seq_len)
     opt, sched = make_optimizer(model, config.lr, config.weight_decay, config.steps, config.warmup)
     gen = torch.Generator().manual_seed(config.seed)
     start, losses = 0, []

@@ -201,9 +201,7 @@ def run_vit_study(path: str | Path, *, progress: bool = True) -> dict:
             try:
                 runs.append((variant.get("label", fields.get("pe")), seed, ViTConfig(**fields, seed=seed)))
             except ValidationError as err:
-                raise ValueError(
-                    format_validation_error(err).replace("invalid run config", f"invalid vit study {path}")
-                ) from None
+                raise ValueError(format_validation_error(err, f"vit study {path}")) from None
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from poslab import pe
 from poslab.cli import main
 
@@ -232,3 +234,48 @@ def test_report_command_writes_table_plots_and_page(tmp_path, capsys):
         assert "no results database" in str(exc)
     else:
         raise AssertionError("a missing database must be refused")
+
+
+def test_shaping_and_model_flags_reach_the_config_and_a_sweep_takes_them(tmp_path, capsys):
+    """window, sinks and logit_scale (README: attention shaping) are reachable from the command
+    line, as are d_ff and dropout; a sweep file takes them as run fields."""
+    from poslab.cli import _run_fields, build_parser
+    from poslab.config import RunConfig
+    from poslab.sweep import expand, load_sweep
+
+    args = build_parser().parse_args(
+        ["run", "--window", "8", "--sinks", "2", "--logit-scale", "ssmax", "--logit-scale-param", "init=0.5",
+         "--logit-scale-param", "train_length=20", "--d-ff", "96", "--dropout", "0.1"]
+    )  # fmt: skip
+    cfg = RunConfig.create(**_run_fields(args))
+    assert (cfg.window, cfg.sinks, cfg.logit_scale, cfg.d_ff, cfg.dropout) == (8, 2, "ssmax", 96, 0.1)
+    assert cfg.logit_scale_params == {"init": 0.5, "train_length": 20}
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('name = "w"\n[base]\ntask = "copy"\nsteps = 1\n[grid]\nwindow = [4, 8]\npe = ["rope"]\n')
+    assert sorted(run.window for run in expand(load_sweep(sweep))) == [4, 8]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["run", "--pe-param", "base"], "--pe-param takes NAME=VALUE, got 'base'"),
+        (["run", "--logit-scale-param", "=3"], "--logit-scale-param takes NAME=VALUE"),
+        (["run", "--logit-scale", "loud"], "logit_scale='loud' is not one of"),
+        (["vit", "--pe-param", "dims"], "--pe-param takes NAME=VALUE, got 'dims'"),
+        (["lm", "pretrain", "--out", "x", "--pe-param", "apply"], "--pe-param takes NAME=VALUE, got 'apply'"),
+    ],
+)
+def test_name_value_flags_share_one_parser_and_refuse_a_missing_equals(argv, message, capsys, tmp_path):
+    if argv[0] == "run":
+        argv = [*argv, "--db", str(tmp_path / "r.sqlite")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_positions_help_lists_every_scheme(capsys):
+    from poslab import positions
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in positions.scheme_names())

@@ -34,6 +34,11 @@ def test_defaults_and_aliases_hash_the_same():
         ({"task": "flip_flop", "test_task": "nonesuch"}, r"unknown task 'nonesuch'"),
         ({"attention": "kernelized_rpe", "pe": "t5"}, r"pe='t5' acts on the attention logits"),
         ({"attention": "kernelized_rpe", "attention_params": {"rpe": "x"}}, r"rpe='x' is not one of"),
+        ({"window": 0}, r"window: .*greater than 0"),
+        ({"sinks": 2}, r"sinks=2 needs a window"),
+        ({"logit_scale": "loud"}, r"logit_scale='loud' is not one of 'none', 'logn'"),
+        ({"window": 8, "pe": "cope"}, r"window=8 cannot shape pe='cope'"),
+        ({"task": "odds_first", "pe": "cope"}, r"needs a bidirectional encoder but pe='cope'"),
     ],
 )
 def test_bad_config_names_field_value_and_choices(fields, pattern):
@@ -61,3 +66,22 @@ def test_later_fields_at_their_default_keep_earlier_run_ids():
     assert cross.canonical()["test_task"] == "flip_flop_sparse"
     kernelized = RunConfig.create(task="copy", pe="nope", attention="kernelized_rpe")
     assert kernelized.canonical()["attention"] == "kernelized_rpe"
+
+
+def test_the_validated_model_is_the_trained_model():
+    """Direction, MLP width, dropout and attention shaping reach the validated config and the
+    model the run trains (the table size follows the data)."""
+    from poslab.train import build_model, make_splits
+
+    config = RunConfig.create(task="odds_first", pe="rope", d_ff=48, dropout=0.1, window=8, sinks=1,
+                              logit_scale="logn", logit_scale_params={"train_length": 20}, test_length="1:30",
+                              train_examples=40, test_per_length=1)  # fmt: skip
+    validated = config.transformer_config(7, 99)
+    assert (validated.causal, validated.d_ff, validated.dropout) == (False, 48, 0.1)
+    assert (validated.window, validated.sinks, validated.logit_scale) == (8, 1, "logn")
+    splits = make_splits(config)
+    model = build_model(config, len(splits.vocab), splits.max_seq_len)
+    want = config.transformer_config(len(splits.vocab), splits.max_seq_len).model_dump()
+    assert model.config.model_dump() == want
+    assert RunConfig.create(window=8).run_id() != RunConfig.create().run_id()
+    assert RunConfig.create(window=None, sinks=0, logit_scale="none").run_id() == RunConfig.create().run_id()

@@ -167,7 +167,7 @@ def load_study(path: str | Path) -> StudyConfig:
     try:
         return StudyConfig(**data)
     except ValidationError as err:
-        raise ValueError(format_validation_error(err).replace("invalid run config", f"invalid study {path}")) from None
+        raise ValueError(format_validation_error(err, f"study {path}")) from None
 
 
 def _same_config(directory: Path, config: dict) -> bool:

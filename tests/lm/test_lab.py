@@ -158,3 +158,20 @@ def test_encoding_fields_are_checked():
     with pytest.raises(ValueError, match="a RoPE model takes only rope_base"):
         LMConfig(pe="rope", pe_params={"base": 500})
     assert LMConfig(train_length=64).positions == 512
+
+
+def test_every_training_free_method_evaluates_past_the_window_from_the_command_line(pretrained, capsys):
+    """Every method the lab names runs on a pretrained model at 4 x its training length;
+    the ones that change something past the window give other numbers than plain RoPE."""
+    from poslab.lm import METHODS
+
+    path, _ = pretrained
+    methods = [m for m in METHODS if m != "longrope"]  # longrope needs its search (tested above)
+    args = ["lm", "eval", "--model", str(path), "--methods", ",".join(methods), "--lengths", "128", "--span", "256"]
+    assert main([*args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["models"]
+    ppl = {r["label"]: r["per_length"]["128"]["perplexity"] for r in rows.values()}
+    assert set(ppl) == set(methods) and all(math.isfinite(v) for v in ppl.values())
+    for method in methods[1:]:
+        if method != "ms_poe":  # Ms-PoE leaves the first two layers alone; this model has one
+            assert ppl[method] != ppl["none"], method
