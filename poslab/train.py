@@ -18,20 +18,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from poslab import positions
 from poslab.config import ConfigError, RunConfig
 from poslab.data import IGNORE, EncodedSet, encode_examples
+from poslab.loop import NonFiniteLossError, StepLoss, make_optimizer, shift_ids, train_loop
 from poslab.model import Transformer
 from poslab.tasks import Task, Vocabulary, get_task
 from poslab.tasks.scratchpad import ScratchpadTask
 
-__all__ = ["NonFiniteLossError", "Splits", "make_splits", "build_model", "train", "TrainResult"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+__all__ = [
+    "NonFiniteLossError",
+    "Splits",
+    "make_splits",
+    "build_model",
+    "train",
+    "TrainResult",
+]  # the error: poslab.loop
 
 
 @dataclass
@@ -136,53 +139,6 @@ def position_ids(
     )
 
 
-def shift_ids(pe, ids: Tensor | None, length: int, generator: torch.Generator, device=None):
-    """An encoding's main-task random shift for one training step (SeqPE's
-    :meth:`~poslab.pe.seqpe.SeqPE.training_offset`): ``(ids, span, shifted)``, where ``span``
-    is the extent of the unshifted 1-D ids (their largest + 1)."""
-    span = length if ids is None else int(ids.max()) + 1
-    offset = pe.training_offset(span, generator)
-    if offset is None:
-        return ids, span, False
-    base = torch.arange(length, device=device)[None] if ids is None else ids
-    return base + offset[0], span, True
-
-
-def encoding_loss(pe, step: int, span, generator: torch.Generator, shifted: bool = False) -> Tensor | None:
-    """An encoding's own regularizers for one training step (SeqPE's contrastive and
-    distillation terms), or None for encodings without them."""
-    return pe.auxiliary_loss(step, span, generator, shifted)
-
-
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    """Linear warm-up over ``warmup * total`` steps, then linear decay to 0."""
-    w = max(1, round(warmup * total))
-    if step < w:
-        return (step + 1) / w
-    return max(0.0, (total - step) / max(1, total - w))
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, steps: int, warmup: float):
-    """AdamW (no decay on vectors and on encoding parameters) and the warm-up/decay schedule."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pe.")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("pe.")]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.98),
-    )
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
-
-
-def optimizer_step(loss: Tensor, model: torch.nn.Module, opt, sched, grad_clip: float) -> None:
-    """Backward, clip, step the optimizer and the schedule, clear the gradients."""
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-
-
 @dataclass
 class TrainResult:
     model: Transformer
@@ -278,18 +234,8 @@ def train(
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and (ckpt / "trainer.safetensors").exists():
         start, losses = _load_checkpoint(ckpt, model, opt, sched, gen)
-    t0 = time.perf_counter()
-    model.train()
-    bar = tqdm(
-        total=config.steps,
-        initial=start,
-        disable=not progress,
-        desc=f"{config.task}/{config.pe}",
-        unit="step",
-        dynamic_ncols=True,
-        leave=False,
-    )
-    for step in range(start, config.steps):
+
+    def step_loss(step: int) -> StepLoss:
         if config.train_data == "fresh":
             inputs, labels = fresh_batch(config, splits, step, gen)
         else:
@@ -298,25 +244,18 @@ def train(
         ids, span, shifted = shift_ids(model.pe, ids, inputs.shape[1], gen, inputs.device)
         logits = model(inputs, position_ids=ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
-        extra = encoding_loss(model.pe, step, span, gen, shifted)
-        if extra is not None:
-            loss = loss + extra
-        if not torch.isfinite(loss):
-            bar.close()
-            raise NonFiniteLossError(
-                f"training loss became {loss.item()} at step {step} (task {config.task}, pe {config.pe}, "
-                f"lr {config.lr}); lower the learning rate or check the data"
-            )
-        optimizer_step(loss, model, opt, sched, config.grad_clip)
-        losses.append(loss.item())
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        done = step + 1
+        return StepLoss(loss, span, shifted)
+
+    def after_step(done: int) -> bool:
         if ckpt is not None and (done % checkpoint_every == 0 or done == config.steps or done == stop_after):
             _save_checkpoint(ckpt, model, opt, sched, done, losses, gen)
-        if stop_after is not None and done >= stop_after:
-            break
-    bar.close()
-    model.eval()
+        return stop_after is not None and done >= stop_after
+
+    t0 = time.perf_counter()
+    train_loop(
+        model, model.pe, step_loss, opt=opt, sched=sched, steps=config.steps, generator=gen,
+        grad_clip=config.grad_clip, start=start, losses=losses, progress=progress, desc=f"{config.task}/{config.pe}",
+        context=f"(task {config.task}, pe {config.pe}, lr {config.lr})",
+        advice="lower the learning rate or check the data", after_step=after_step,
+    )  # fmt: skip
     return TrainResult(model=model, losses=losses, seconds=time.perf_counter() - t0, resumed_from=start)

@@ -25,11 +25,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from poslab import pe as pe_lib
-from poslab.model import Transformer
-from poslab.train import encoding_loss
+from poslab.loop import StepLoss, train_loop
+from poslab.model import Transformer, transformer_config
 
 __all__ = [
     "SHAPES",
@@ -117,10 +116,10 @@ class VisionTransformer(nn.Module):
         )
         params = {**sized, **cfg.pe_params}
         self.patch_embed = nn.Linear(cfg.patch * cfg.patch, cfg.d_model)
-        self.body = Transformer(
-            vocab_size=len(SHAPES), d_model=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-            causal=False, pe=cfg.pe, pe_params=params, max_seq_len=cfg.stride**2, tie_embeddings=False,
-        )  # fmt: skip
+        self.body = Transformer(transformer_config(
+            cfg, vocab_size=len(SHAPES), causal=False, pe_params=params, max_seq_len=cfg.stride**2,
+            tie_embeddings=False,
+        ))  # fmt: skip
         self.two_d = self.body.pe.position_dims == 2
         self.stride = cfg.stride
 
@@ -149,22 +148,16 @@ def run_vit(cfg: ViTConfig, *, progress: bool = True) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.06)
     size = cfg.patch * cfg.train_grid
-    t0, losses = time.perf_counter(), []
-    model.train()
-    for step in tqdm(range(cfg.steps), disable=not progress, desc=f"vit/{cfg.pe}", leave=False):
+
+    def step_loss(step: int) -> StepLoss:
         images, labels = render_shapes(cfg.batch_size, size, gen)
         ids, span, shifted = model.training_ids(cfg.train_grid, gen)
         loss = F.cross_entropy(model(patchify(images, cfg.patch), cfg.train_grid, ids), labels)
-        extra = encoding_loss(model.body.pe, step, span, gen, shifted)
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
+        return StepLoss(loss, span, shifted)
+
+    t0 = time.perf_counter()
+    losses = train_loop(model, model.body.pe, step_loss, opt=opt, sched=sched, steps=cfg.steps, generator=gen,
+                        grad_clip=1.0, progress=progress, desc=f"vit/{cfg.pe}")  # fmt: skip
     accuracy = {}
     with torch.no_grad():
         for grid in cfg.test_grids:

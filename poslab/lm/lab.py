@@ -25,13 +25,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from poslab import pe as pe_lib
 from poslab.lm.corpus import VOCAB_SIZE, Corpus, load_corpus
 from poslab.lm.methods import METHODS, method_encoding
-from poslab.model import Transformer
-from poslab.train import NonFiniteLossError, encoding_loss, make_optimizer, optimizer_step, shift_ids
+from poslab.loop import StepLoss, make_optimizer, shift_ids, train_loop
+from poslab.model import Transformer, transformer_config
 
 __all__ = [
     "LMConfig",
@@ -102,15 +101,8 @@ class LMConfig(BaseModel):
 
 
 def _model(cfg: LMConfig, pe: str, pe_params: dict, max_seq_len: int) -> Transformer:
-    return Transformer(
-        vocab_size=VOCAB_SIZE,
-        d_model=cfg.d_model,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        pe=pe,
-        pe_params=pe_params,
-        max_seq_len=max_seq_len,
-    )
+    return Transformer(transformer_config(cfg, vocab_size=VOCAB_SIZE, pe=pe, pe_params=pe_params,
+                                          max_seq_len=max_seq_len))  # fmt: skip
 
 
 def _windows(data: torch.Tensor, length: int, batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -121,29 +113,17 @@ def _windows(data: torch.Tensor, length: int, batch: int, gen: torch.Generator) 
 def _train_loop(model, data, cfg: LMConfig, steps: int, lr: float, length: int, make_ids, progress: bool, desc: str):
     opt, sched = make_optimizer(model, lr, cfg.weight_decay, steps, cfg.warmup)
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses = []
-    model.train()
-    bar = tqdm(total=steps, disable=not progress, desc=desc, unit="step", dynamic_ncols=True, leave=False)
-    for step in range(steps):
+
+    def step_loss(step: int) -> StepLoss:
         window = _windows(data, length, cfg.batch_size, gen)
         inputs, ids = make_ids(window, gen)
         ids, span, shifted = shift_ids(model.pe, ids, length, gen)  # an encoding's own shift (SeqPE)
         logits = model(inputs[:, :-1], position_ids=ids)
         loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), inputs[:, 1:].reshape(-1))
-        extra = encoding_loss(model.pe, step, span, gen, shifted)
-        if extra is not None:
-            loss = loss + extra
-        if not torch.isfinite(loss):
-            bar.close()
-            raise NonFiniteLossError(f"{desc}: training loss became {loss.item()} at step {step}; lower the lr")
-        optimizer_step(loss, model, opt, sched, cfg.grad_clip)
-        losses.append(loss.item())
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    model.eval()
-    return losses
+        return StepLoss(loss, span, shifted)
+
+    return train_loop(model, model.pe, step_loss, opt=opt, sched=sched, steps=steps, generator=gen,
+                      grad_clip=cfg.grad_clip, progress=progress, desc=desc, advice="lower the lr")  # fmt: skip
 
 
 def _save(model: Transformer, out: Path, record: dict[str, Any]) -> None:
