@@ -61,3 +61,11 @@ def test_nothing_outside_pe_compares_with_an_encoding_or_scheme_name():
                     if isinstance(value, ast.Constant) and value.value in known:
                         hits.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert hits == []
+
+
+def test_every_module_of_pe_is_imported_so_an_encoding_registers_by_being_defined():
+    import sys
+
+    for path in (ROOT / "pe").glob("*.py"):
+        if path.stem != "__init__":
+            assert f"poslab.pe.{path.stem}" in sys.modules, path.stem

@@ -1,9 +1,14 @@
 """Positional encodings: the registry and every encoding family.
 
 ``poslab.pe.build(name, **params)`` makes an encoding; ``poslab.pe.names()`` lists them.
+Every module of this package is imported here, so an encoding registers itself by being
+defined in one (adding an encoding is one module, or one class in its family's module).
 """
 
-from poslab.pe import absolute, bias, bilevel, cope, functional, path, remap, rotary, seqpe, shaw  # noqa: F401  (registers encodings)
+import importlib
+import pkgutil
+
+from poslab.pe import functional
 from poslab.pe.base import (
     AttentionBias,
     AttentionContext,
@@ -19,6 +24,9 @@ from poslab.pe.base import (
     parameters,
     register,
 )
+
+for _module in pkgutil.iter_modules(__path__):  # registers every encoding
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "EncodingName",
