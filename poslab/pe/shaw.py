@@ -193,7 +193,7 @@ class ShawRelative(PositionalEncoding):
         if self.value_table is not None:
             r = self.buckets(ctx.pos_q, ctx.pos_k)[:, None].expand(b, h, tq, tk)
             weights = torch.zeros(b, h, tq, 2 * self.max_distance + 1, dtype=work, device=q.device)
-            weights = weights.scatter_add(-1, r, probs)  # attention mass per clipped distance
+            weights = weights.scatter_add(-1, r, probs.to(work))  # attention mass per clipped distance
             table = self.value_table[ctx.layer if self.layer_sets > 1 else 0].to(work)
             out = out + torch.matmul(weights, table)
         return out.to(q.dtype)
