@@ -490,6 +490,11 @@ class Transformer(nn.Module):
         return sites
 
     def _check_ids(self, position_ids: Tensor, b: int, t: int) -> Tensor:
+        if position_ids.dtype in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"position_ids in {position_ids.dtype} hold integers exactly only up to "
+                f"{256 if position_ids.dtype == torch.bfloat16 else 2048}; give integer, float32 or float64 ids"
+            )
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
         dims = self.pe.position_dims

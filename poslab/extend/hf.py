@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from poslab.pe.base import PreciseBuffers
 from poslab.pe.rope_scaling import rope_frequencies
 
 __all__ = ["apply", "apply_lm_infinite", "lm_infinite_attention", "ScaledRotaryEmbedding", "SUPPORTED_MODELS"]
@@ -23,7 +24,7 @@ SUPPORTED_MODELS = ("llama", "mistral", "qwen2")
 _LENGTH_DEPENDENT = ("dynamic", "longrope")
 
 
-class ScaledRotaryEmbedding(nn.Module):
+class ScaledRotaryEmbedding(PreciseBuffers):
     """A drop-in for ``LlamaRotaryEmbedding``: ``forward(x, position_ids) -> (cos, sin)``.
 
     Args:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from poslab.pe import functional as F
-from poslab.pe.base import PositionalEncoding, Site, register
+from poslab.pe.base import PositionalEncoding, Site, float32_mlp, register
 
 __all__ = ["NoPE", "Sinusoidal", "ScaledSinusoidal", "LearnedAbsolute", "LearnableFourierFeatures", "FourierPE"]
 
@@ -214,7 +214,8 @@ class LearnableFourierFeatures(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """``(..., G, M)`` positions -> ``(..., G, F)`` Fourier features (before the MLP)."""
-        proj = self.freqs(x.to(self.freqs.weight.dtype))
+        work = torch.promote_types(self.freqs.weight.dtype, torch.float32)  # angles never in half precision
+        proj = x.to(work) @ self.freqs.weight.to(work).t()
         return torch.cat((proj.cos(), proj.sin()), dim=-1) / math.sqrt(self.fourier_dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -223,7 +224,7 @@ class LearnableFourierFeatures(nn.Module):
             raise ValueError(
                 f"fourier: positions must end in (G, M) = ({self.groups}, {self.pos_dim}), got {tuple(x.shape)}"
             )
-        return self.mlp(self.features(x)).flatten(-2)
+        return float32_mlp(self.mlp, self.features(x)).flatten(-2)
 
 
 @register("fourier")

@@ -35,6 +35,8 @@ __all__ = [
     "names",
     "get",
     "UnknownEncodingError",
+    "PreciseBuffers",
+    "float32_mlp",
 ]
 
 
@@ -128,7 +130,52 @@ class AttentionContext:
     key_mask: Tensor | None = None
 
 
-class PositionalEncoding(nn.Module):
+class PreciseBuffers(nn.Module):
+    """A module whose floating buffers (frequencies, slopes, decay bases) never lose precision
+    to a dtype cast: ``model.to(torch.bfloat16)`` or ``.half()`` moves them to the new device
+    but keeps each at least at its own precision (a float64 ``inv_freq`` stays float64: in
+    bfloat16 the RoPE angle at position 1000 would be off by 0.44 rad). Casts that add
+    precision (``.double()``) apply. Parameters cast as usual (they are weights)."""
+
+    def _apply(self, fn, recurse=True):
+        modules = self.modules() if recurse else [self]  # submodules' buffers (FIRE's thresholds) too
+        kept = [
+            (module, name, buf)
+            for module in modules
+            for name, buf in module._buffers.items()
+            if buf is not None and buf.is_floating_point()
+        ]
+        super()._apply(fn, recurse)
+        for module, name, old in kept:
+            new = module._buffers[name]
+            if new is None or not new.is_floating_point():
+                continue
+            want = torch.promote_types(old.dtype, new.dtype)
+            if new.dtype != want:  # a downcast: the cast values are rounded, so take the originals
+                module._buffers[name] = old.to(device=new.device, dtype=want)
+        return self
+
+
+def float32_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """Run a small position MLP (FIRE's, the dynamic bias's, Fourier features') in at least
+    float32 whatever its weights' dtype: distances in bfloat16 are exact only up to 256.
+    Linear layers use their weights upcast (gradients reach the weights in their own dtype)."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(work)
+    for layer in mlp:
+        if isinstance(layer, nn.Linear):
+            bias = None if layer.bias is None else layer.bias.to(work)
+            x = torch.nn.functional.linear(x, layer.weight.to(work), bias)
+        elif isinstance(layer, nn.LayerNorm):
+            weight = None if layer.weight is None else layer.weight.to(work)
+            bias = None if layer.bias is None else layer.bias.to(work)
+            x = torch.nn.functional.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+        else:
+            x = layer(x)
+    return x
+
+
+class PositionalEncoding(PreciseBuffers):
     """Base class of every encoding.
 
     Subclasses set ``sites`` and implement the hooks of those sites:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from poslab.pe import functional as F
-from poslab.pe.base import AttentionBias, PositionalEncoding, Site, register
+from poslab.pe.base import AttentionBias, PositionalEncoding, Site, float32_mlp, register
 
 __all__ = ["T5Bias", "ALiBi", "KerpleLog", "KerplePower", "Sandwich", "FIRE", "DynamicPositionBias"]
 
@@ -318,16 +318,15 @@ class FIRE(PositionalEncoding):
             core.reset_parameters()
 
     def _mlp(self, core: _FireCore, u: Tensor) -> Tensor:
-        out = core.mlp(u[..., None].to(core.c.dtype))  # (..., H)
+        out = float32_mlp(core.mlp, u[..., None])  # (..., H)
         return out.to(torch.promote_types(out.dtype, torch.float32))
 
     def relative_bias(self, delta: Tensor) -> Tensor:
         """The bias while every query is below the threshold (normalizer ``psi(L)``): a
         function of ``delta`` only, so the base class builds it as a Toeplitz matrix."""
         core = self.cores[self.current_layer]
-        u = F.fire_normalized_distance(
-            delta.to(core.c.dtype), torch.zeros((), dtype=core.c.dtype), core.c, core.threshold(), self.eps
-        )
+        work = torch.promote_types(core.c.dtype, torch.float32)
+        u = F.fire_normalized_distance(delta.to(work), torch.zeros((), dtype=work), core.c, core.threshold(), self.eps)
         return self._mlp(core, u)
 
     def _logits_bias(self, pos_q: Tensor, pos_k: Tensor, contiguous: bool, causal: bool) -> AttentionBias:
@@ -383,7 +382,7 @@ class DynamicPositionBias(PositionalEncoding):
                 m.reset_parameters()
 
     def relative_bias(self, delta: Tensor) -> Tensor:
-        d = delta.to(self.mlp[0].weight.dtype)
+        d = delta.to(torch.promote_types(self.mlp[0].weight.dtype, torch.float32))
         if self.log_distance:
             d = torch.sign(d) * torch.log1p(d.abs())
-        return self.mlp(d[..., None])  # (..., H)
+        return float32_mlp(self.mlp, d[..., None])  # (..., H)

@@ -258,8 +258,9 @@ def kerple_log_bias(distance: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
 
     ``distance`` ``(...)``, ``r1``/``r2`` ``(H,)`` -> ``(..., H)``.
     """
-    d = distance.to(r1.dtype).abs()[..., None]
-    return -r1 * torch.log1p(r2 * d)
+    work = torch.promote_types(r1.dtype, torch.float32)  # bfloat16 distances are exact only to 256
+    d = distance.to(work).abs()[..., None]
+    return -r1.to(work) * torch.log1p(r2.to(work) * d)
 
 
 def kerple_power_bias(distance: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
@@ -268,9 +269,10 @@ def kerple_power_bias(distance: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
     ``0^r2 = 0`` with a finite gradient for ``r2`` (``|d|`` is clamped to 1 before the power
     and the zero distances are put back). ``(...) -> (..., H)``.
     """
-    d = distance.to(r1.dtype).abs()[..., None]
-    powered = d.clamp(min=1.0) ** r2
-    return -r1 * torch.where(d == 0, torch.zeros_like(powered), powered)
+    work = torch.promote_types(r1.dtype, torch.float32)
+    d = distance.to(work).abs()[..., None]
+    powered = d.clamp(min=1.0) ** r2.to(work)
+    return -r1.to(work) * torch.where(d == 0, torch.zeros_like(powered), powered)
 
 
 def sandwich_bias(distance: Tensor, num_heads: int, dim: int) -> Tensor:
@@ -295,8 +297,10 @@ def fire_normalized_distance(pos_q: Tensor, pos_k: Tensor, c: Tensor, threshold:
 
     ``pos_q`` ``(..., Tq, 1)`` and ``pos_k`` ``(..., 1, Tk)`` broadcast to the pair grid.
     """
-    pos_q = pos_q.to(c.dtype)
-    rel = torch.log(torch.abs(c * (pos_q - pos_k.to(c.dtype))) + 1.0)
+    work = torch.promote_types(c.dtype, torch.float32)  # bfloat16 positions are exact only to 256
+    c, threshold = c.to(work), threshold.to(work)
+    pos_q = pos_q.to(work)
+    rel = torch.log(torch.abs(c * (pos_q - pos_k.to(work))) + 1.0)
     norm = torch.log(torch.abs(c * torch.maximum(pos_q, threshold)) + 1.0) + eps
     return rel / norm
 

@@ -28,9 +28,10 @@ class RopeScalingError(ValueError):
     """A ``rope_scaling`` dict that cannot be used; the message names the key and what is allowed."""
 
 
-def _base_inv_freq(base: float, dim: int) -> Tensor:
-    """``1 / base^(2i/dim)`` in float32, computed as ``transformers`` does."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+def _base_inv_freq(base: float, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``1 / base^(2i/dim)`` in ``dtype``, computed as ``transformers`` does (in float32 the
+    same numbers)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=dtype) / dim))
 
 
 def _require(cfg: dict, key: str, rope_type: str) -> Any:
@@ -50,35 +51,35 @@ def _factor(cfg: dict, rope_type: str, required: bool = True, default: float | N
     return float(factor)
 
 
-def _default(cfg, dim, base, max_pos, seq_len):
-    return _base_inv_freq(base, dim), 1.0
+def _default(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
+    return _base_inv_freq(base, dim, dtype), 1.0
 
 
-def _linear(cfg, dim, base, max_pos, seq_len):
-    return _base_inv_freq(base, dim) / _factor(cfg, "linear"), 1.0
+def _linear(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
+    return _base_inv_freq(base, dim, dtype) / _factor(cfg, "linear"), 1.0
 
 
-def _dynamic(cfg, dim, base, max_pos, seq_len):
+def _dynamic(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
     factor = _factor(cfg, "dynamic")
     seq_len = max_pos if seq_len is None else max(seq_len, max_pos)
     base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
-    return _base_inv_freq(base, dim), 1.0
+    return _base_inv_freq(base, dim, dtype), 1.0
 
 
-def _ntk(cfg, dim, base, max_pos, seq_len):
+def _ntk(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
     factor = _factor(cfg, "ntk")
-    return _base_inv_freq(base * factor ** (dim / (dim - 2)), dim), 1.0
+    return _base_inv_freq(base * factor ** (dim / (dim - 2)), dim, dtype), 1.0
 
 
-def _abf(cfg, dim, base, max_pos, seq_len):
-    return _base_inv_freq(float(_require(cfg, "rope_theta", "abf")), dim), 1.0
+def _abf(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
+    return _base_inv_freq(float(_require(cfg, "rope_theta", "abf")), dim, dtype), 1.0
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn(cfg, dim, base, max_pos, seq_len):
+def _yarn(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
     original = _require(cfg, "original_max_position_embeddings", "yarn")
     factor = _factor(cfg, "yarn", required=False, default=max_pos / original)
     attention = cfg.get("attention_factor")
@@ -99,14 +100,14 @@ def _yarn(cfg, dim, base, max_pos, seq_len):
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # no singular ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=dtype) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=dtype) / dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp  # 1: the pair keeps its frequency (high frequencies), 0: interpolated
     return interpolation * (1 - keep) + extrapolation * keep, attention
 
 
-def _longrope(cfg, dim, base, max_pos, seq_len):
+def _longrope(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
     original = _require(cfg, "original_max_position_embeddings", "longrope")
     long_factor, short_factor = _require(cfg, "long_factor", "longrope"), _require(cfg, "short_factor", "longrope")
     for key, vec in (("long_factor", long_factor), ("short_factor", short_factor)):
@@ -117,17 +118,17 @@ def _longrope(cfg, dim, base, max_pos, seq_len):
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     chosen = long_factor if seq_len and seq_len > original else short_factor
-    ext = torch.tensor(chosen, dtype=torch.float32)
-    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    ext = torch.tensor(chosen, dtype=dtype)
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim
     return 1.0 / (ext * base**shape), attention
 
 
-def _llama3(cfg, dim, base, max_pos, seq_len):
+def _llama3(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
     factor = _factor(cfg, "llama3")
     low_freq = _require(cfg, "low_freq_factor", "llama3")
     high_freq = _require(cfg, "high_freq_factor", "llama3")
     old = _require(cfg, "original_max_position_embeddings", "llama3")
-    inv_freq = _base_inv_freq(base, dim)
+    inv_freq = _base_inv_freq(base, dim, dtype)
     low_wavelen, high_wavelen = old / low_freq, old / high_freq
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -137,21 +138,23 @@ def _llama3(cfg, dim, base, max_pos, seq_len):
     return torch.where(medium, smoothed, scaled), 1.0
 
 
-def _giraffe_power(cfg, dim, base, max_pos, seq_len):
+def _giraffe_power(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
     k = float(_require(cfg, "power", "giraffe_power"))
-    i = torch.arange(0, dim, 2, dtype=torch.float32)
-    return _base_inv_freq(base, dim) * (1 - i / dim) ** k, 1.0
+    i = torch.arange(0, dim, 2, dtype=dtype)
+    return _base_inv_freq(base, dim, dtype) * (1 - i / dim) ** k, 1.0
 
 
-def _giraffe_truncated(cfg, dim, base, max_pos, seq_len):
+def _giraffe_truncated(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
     cutoff = float(_require(cfg, "cutoff", "giraffe_truncated"))
     a_hi = 2 * math.pi / cutoff
     rho = float(cfg.get("rho", a_hi / 16))
-    inv_freq = _base_inv_freq(base, dim)
+    inv_freq = _base_inv_freq(base, dim, dtype)
     out = torch.where(inv_freq >= a_hi, inv_freq, torch.full_like(inv_freq, rho))
     return torch.where(inv_freq < a_hi / 8, torch.zeros_like(inv_freq), out), 1.0
 
 
+# one function per type, ``(cfg, dim, base, max_pos, seq_len, dtype=torch.float32) ->
+# (inv_freq, attention_factor)``; add to the dict to register another type
 ROPE_TYPES: dict[str, Callable] = {
     "default": _default,
     "linear": _linear,
@@ -172,6 +175,7 @@ def rope_frequencies(
     base: float,
     max_position_embeddings: int,
     seq_len: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, float]:
     """Inverse frequencies and attention factor for a ``rope_scaling`` dict.
 
@@ -185,9 +189,13 @@ def rope_frequencies(
         max_position_embeddings: the model's configured context (``dynamic`` uses it as the
             original length; ``yarn`` and ``longrope`` use it for a missing ``factor``).
         seq_len: current sequence length (``dynamic``, ``longrope``).
+        dtype: what the frequencies are computed in. float32 (the default) gives
+            ``transformers``' own numbers bit for bit, which a ``transformers`` model needs
+            (:mod:`poslab.extend.hf`); poslab's RoPE asks for float64, since float32
+            frequencies put the angle at position 2^24 off by up to 0.2 rad.
 
     Returns:
-        ``(inv_freq, attention_factor)``: ``inv_freq`` float32 of shape ``rotary_dim // 2``
+        ``(inv_freq, attention_factor)``: ``inv_freq`` in ``dtype``, of shape ``rotary_dim // 2``
         (``head_dim // 2`` without a partial rotary factor).
 
     Raises:
@@ -209,7 +217,7 @@ def rope_frequencies(
     dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
     if dim < 2:
         raise RopeScalingError(f"partial_rotary_factor leaves {dim} rotated channels; at least 2 are needed")
-    inv_freq, attention = ROPE_TYPES[rope_type](cfg, dim, float(base), max_position_embeddings, seq_len)
+    inv_freq, attention = ROPE_TYPES[rope_type](cfg, dim, float(base), max_position_embeddings, seq_len, dtype=dtype)
     if cfg.get("resonance"):
-        inv_freq = resonance_inv_freq(inv_freq).to(torch.float32)
+        inv_freq = resonance_inv_freq(inv_freq).to(dtype)
     return inv_freq, float(attention)

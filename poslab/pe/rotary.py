@@ -91,7 +91,10 @@ class RoPE(PositionalEncoding):
         self.inv_freq = inv_freq.to(torch.float64).to(self.inv_freq.device)
 
     def _scaled(self, seq_len: int | None) -> tuple[Tensor, float]:
-        return rope_frequencies(self.rope_scaling, self.rot_dim, self.base, self.max_position_embeddings, seq_len)
+        # float64: float32 frequencies would put angles at 2^24 off by up to 0.2 rad
+        return rope_frequencies(
+            self.rope_scaling, self.rot_dim, self.base, self.max_position_embeddings, seq_len, dtype=torch.float64
+        )
 
     @property
     def length_dependent(self) -> bool:
