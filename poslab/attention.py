@@ -17,7 +17,10 @@ the keys); everything that acts on the logits happens here. Backends, chosen per
 - on the flash paths, bias entries far below anything that can matter are raised to a floor
   (CPU ``exp`` is 5-13 x slower below its underflow threshold; see ``_floored``);
 - anything else: SDPA with a float mask (bias + causal) built once per shape, dtype and
-  device and shared by all layers; or ``backend="explicit"``, the float32 einsum reference.
+  device and shared by all layers; or ``backend="explicit"``, the float32 einsum reference;
+- on CUDA, a bias goes through FlexAttention (:func:`flex_bias_attention`, compiled, causal
+  blocks skipped, the bias read from its values where it is Toeplitz); ``backend="flex"``
+  asks for it anywhere (forward only on the CPU), ``backend="sdpa"`` keeps SDPA on CUDA.
 
 All backends agree to 1e-5 in float32 (tested).
 """
@@ -25,6 +28,7 @@ All backends agree to 1e-5 in float32 (tested).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -32,9 +36,9 @@ from torch.nn import functional as F
 
 from poslab.pe.base import AttentionBias
 
-__all__ = ["attention", "BACKENDS", "causal_mask"]
+__all__ = ["attention", "BACKENDS", "causal_mask", "flex_bias_attention"]
 
-BACKENDS = ("auto", "sdpa", "explicit")
+BACKENDS = ("auto", "sdpa", "flex", "explicit")
 
 # the smallest exp argument whose result is still a normal number: float32 1.2e-38, float64 2.2e-308
 EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
@@ -86,6 +90,15 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if backend == "explicit":
         return _explicit(q, k, v, causal=causal, bias=bias, scale=scale)
+    if bias is not None and backend == "flex":
+        return flex_bias_attention(q, k, v, bias, causal=causal, scale=scale)
+    if bias is not None and backend == "auto" and q.device.type == "cuda" and tq > 1 and not bias.content:
+        if FLEX_FAILURE["error"] is None:
+            try:
+                return flex_bias_attention(q, k, v, bias, causal=causal, scale=scale)
+            except Exception as err:  # a compiler that cannot build it here: say so once, use SDPA
+                FLEX_FAILURE["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                warnings.warn(f"FlexAttention failed ({FLEX_FAILURE['error']}); biases use SDPA", stacklevel=2)
     if bias is None:
         if not causal or tq == 1:  # one query sees every cached key
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -110,6 +123,83 @@ def attention(
             bias, ("sdpa", causal, tq, tk), q.dtype, q.device, lambda b: _merged_mask(b.detach(), causal, q)
         )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+# ----------------------------------------------------------------------------- FlexAttention
+def _flex_toeplitz(q: Tensor, k: Tensor, v: Tensor, table: Tensor, block_mask, scale: float) -> Tensor:
+    """Attention with ``score + table[h, Tq - 1 - i + j]``: a bias of the id difference read
+    from its ``Tq + Tk - 1`` values (no ``T x T`` bias anywhere)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    tq = q.shape[-2]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, tq - 1 - q_idx + kv_idx]
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+def _flex_dense(q: Tensor, k: Tensor, v: Tensor, dense: Tensor, block_mask, scale: float) -> Tensor:
+    """Attention with ``score + dense[b, h, i, j]`` (any bias, masks at ``finfo.min`` included)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + dense[b, h, q_idx, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+_COMPILED: dict = {}
+FLEX_FAILURE: dict = {"error": None}  # why the automatic FlexAttention path was given up, if it was
+_BLOCK_MASKS: dict = {}
+
+
+def _compiled(fn):
+    """``fn`` compiled once per process (FlexAttention fuses only when compiled); CPU and
+    ``torch.compile``-less setups run it eagerly (forward only on the CPU)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+def _causal_block_mask(tq: int, tk: int, device: torch.device):
+    """FlexAttention's block mask of ``j <= i + (Tk - Tq)``, built once per shape and device:
+    blocks above the diagonal are skipped, not computed and masked."""
+    key = (tq, tk, device)
+    if key not in _BLOCK_MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        offset = tk - tq
+
+        def causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+        _BLOCK_MASKS[key] = create_block_mask(causal, None, None, tq, tk, device=device)
+    return _BLOCK_MASKS[key]
+
+
+def flex_bias_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias, *, causal: bool, scale: float | None = None
+) -> Tensor:
+    """Attention with a logits bias through PyTorch's FlexAttention (``score_mod`` and a causal
+    ``block_mask``), compiled: the GPU path of the position-only biases, training included
+    (gradients reach q, k, v and a learned bias's values). A bias of the id difference on
+    contiguous ids is read from its ``Tq + Tk - 1`` values; any other bias (windows, sinks,
+    padding, FIRE past its threshold) from its dense ``(B or 1, H or 1, Tq, Tk)`` tensor.
+    On the CPU it runs forward only (FlexAttention has no CPU backward).
+
+    Args and returns: as :func:`attention`.
+    """
+    b, h, tq, _ = q.shape
+    tk = k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    block_mask = _causal_block_mask(tq, tk, q.device) if causal else None
+    fn = _compiled if q.device.type == "cuda" else (lambda f: f)
+    if bias.toeplitz is not None and bias.toeplitz.shape[-1] == tq + tk - 1:
+        table = bias.toeplitz.to(torch.float32).expand(h, -1)  # (H, Tq + Tk - 1)
+        return fn(_flex_toeplitz)(q, k, v, table, block_mask, scale)
+    dense = bias.dense.to(torch.float32).expand(b, h, tq, tk)
+    return fn(_flex_dense)(q, k, v, dense, block_mask, scale)
 
 
 def _merged_mask(dense: Tensor, causal: bool, q: Tensor) -> Tensor:

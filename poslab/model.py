@@ -231,7 +231,7 @@ def _with_policy(bias: AttentionBias | list | None, allowed: Tensor) -> Attentio
     if isinstance(bias, list):
         return [_with_policy(b, allowed) for b in bias]
     dense = torch.where(allowed, bias.dense, torch.finfo(torch.float32).min)
-    return AttentionBias(dense=dense, relative_values=bias.relative_values, band=bias.band)
+    return AttentionBias(dense=dense, relative_values=bias.relative_values, band=bias.band, content=bias.content)
 
 
 def _last_queries(rotary: Rotary, tq: int) -> Rotary:

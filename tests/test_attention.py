@@ -216,3 +216,36 @@ def test_bias_floor_keeps_masked_keys_masked():
     assert torch.isinf(floored[..., 4, :2]).all() and floored[..., 4, :2].lt(0).all()
     assert floored[..., 5, :3].gt(-1e3).all()  # raised
     torch.testing.assert_close(floored[..., 3:, 3:], dense[..., 3:, 3:])
+
+
+FLEX_BIASES = ["alibi", "t5", "kerple_log", "kerple_power", "fire", "sandwich", "dynamic_bias", "bipe_alibi"]
+
+
+@pytest.mark.parametrize("shaping", [{}, {"window": 8, "sinks": 2}, {"causal": False}])
+@pytest.mark.parametrize("name", FLEX_BIASES)
+def test_the_flex_attention_path_equals_sdpa(name, shaping):
+    """The GPU path (FlexAttention, chosen automatically on CUDA) run forward on the CPU:
+    the Toeplitz values (and the dense bias under a window) give SDPA's outputs. Its training
+    is checked on the device (tests/test_device.py)."""
+    from poslab import Transformer
+
+    if name == "bipe_alibi" and shaping.get("causal") is False:
+        pytest.skip("bipe_alibi reads bilevel ids")
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=30, d_model=32, num_layers=2, num_heads=4, pe=name, **shaping).eval()
+    flex = Transformer(model.config.model_copy(update={"attention_backend": "flex"})).eval()
+    flex.load_state_dict(model.state_dict())
+    x = torch.randint(0, 30, (2, 40))
+    ids = None
+    if name == "bipe_alibi":
+        ids = torch.stack((torch.arange(40) % 7, torch.arange(40) // 7), -1)[None].expand(2, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(flex(x, position_ids=ids), model(x, position_ids=ids), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_reads_the_toeplitz_values_of_a_relative_bias():
+    alibi = pe.build("alibi", num_heads=4)
+    ids = torch.arange(12)[None]
+    bias = alibi.logits_bias(ids, ids, contiguous=True, causal=True)
+    i = torch.arange(12)
+    torch.testing.assert_close(bias.toeplitz[:, 11 - i[:, None] + i[None, :]], bias.dense[0])

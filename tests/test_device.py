@@ -137,3 +137,21 @@ def test_padding_masks_on_the_device(device):
     mask = torch.arange(30)[None] < torch.tensor([30, 17, 5])[:, None]
     with torch.no_grad():
         _close(other(x.to(device), attention_mask=mask.to(device)).cpu(), cpu(x, attention_mask=mask), "padding")
+
+
+@pytest.mark.parametrize("name", ["alibi", "kerple_log", "fire"])
+def test_biases_train_through_compiled_flex_attention_on_cuda(name, device):
+    """On CUDA a position-only bias takes FlexAttention (compiled), gradients included; the
+    run fails here rather than quietly falling back to SDPA."""
+    from poslab import attention as attention_module
+
+    if device.type != "cuda":
+        pytest.skip("FlexAttention is the CUDA path")
+    cpu, other = _pair(name, device, window=None)
+    x = torch.randint(0, 50, (2, 256))
+    want, want_grads = _loss_and_grads(cpu, x)
+    got, got_grads = _loss_and_grads(other, x.to(device))
+    assert attention_module.FLEX_FAILURE["error"] is None, attention_module.FLEX_FAILURE["error"]
+    _close(got, want, name, atol=2e-4)
+    for key in want_grads:
+        _close(got_grads[key], want_grads[key], f"{name} grad {key}", atol=5e-4, rtol=5e-3)

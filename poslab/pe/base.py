@@ -83,11 +83,18 @@ class AttentionBias:
             learned relative bias that never saturates gives ``band = T`` and the ``T``
             values ``f[h, 0 .. T-1]``; its gradient is every diagonal's sum.
         band: see ``relative_values``.
+        toeplitz: for a bias of the id difference on contiguous ids, its ``Tq + Tk - 1``
+            values ``(H or 1, Tq + Tk - 1)``, ``w[m] = f(Tk - 1 - m)`` (query ``i`` and key ``j``
+            read ``w[Tq - 1 - i + j]``); the GPU path reads them instead of ``dense``.
+        content: the bias is computed from the queries or keys (Shaw's key term), not from
+            positions alone.
     """
 
     dense: Tensor
     relative_values: Tensor | None = None
     band: int | None = None
+    toeplitz: Tensor | None = None
+    content: bool = False  # computed from q or k (Shaw's key term): the GPU's FlexAttention path is for position biases
 
     @property
     def requires_grad(self) -> bool:
@@ -106,7 +113,7 @@ class AttentionContext:
         pos_k: ``(B or 1, Tk)`` key ids (cached keys first).
         contiguous: the ids are ``start + arange`` in every row (see ``logits_bias``).
         causal: the model's attention direction.
-        backend: the model's attention backend (``"auto"``, ``"sdpa"``, ``"explicit"``).
+        backend: the model's attention backend (``"auto"``, ``"sdpa"``, ``"flex"``, ``"explicit"``).
         x: ``(B, Tq, d_model)``, the layer's normalized input (encodings whose transform
             is computed from the tokens, such as PaTH).
         layer: the layer index, for per-layer parameters.
@@ -273,14 +280,14 @@ class PositionalEncoding(PreciseBuffers):
             values = self.relative_bias(deltas).t().contiguous()  # (H, tq + tk - 1)
             dense = toeplitz_from_values(values, tq, tk)[None]  # (1, H, tq, tk)
             if not causal:
-                return AttentionBias(dense=dense)
+                return AttentionBias(dense=dense, toeplitz=values)
             band = self.saturation_distance()
             if band is not None:
                 rel = self.relative_bias(torch.arange(0, band + 1, device=pos_q.device)).t()
-                return AttentionBias(dense=dense, relative_values=rel, band=band)
+                return AttentionBias(dense=dense, relative_values=rel, band=band, toeplitz=values)
             if values.requires_grad and tq == tk:  # learned, never saturates: every diagonal
-                return AttentionBias(dense=dense, relative_values=values[:, :tk].flip(-1), band=tk)
-            return AttentionBias(dense=dense)
+                return AttentionBias(dense=dense, relative_values=values[:, :tk].flip(-1), band=tk, toeplitz=values)
+            return AttentionBias(dense=dense, toeplitz=values)
         delta = pos_q[:, :, None] - pos_k[:, None, :]  # (B, Tq, Tk)
         return AttentionBias(dense=self.relative_bias(delta).permute(0, 3, 1, 2))
 

@@ -176,7 +176,9 @@ class ShawRelative(PositionalEncoding):
             if padding is not None:
                 rel = rel.masked_fill(padding, torch.finfo(rel.dtype).min)
             if first == tk - tq:  # the usual layout: the fast paths of poslab.attention
-                return attention(q, k, v, causal=ctx.causal, bias=AttentionBias(dense=rel), backend=ctx.backend)
+                return attention(
+                    q, k, v, causal=ctx.causal, bias=AttentionBias(dense=rel, content=True), backend=ctx.backend
+                )
             mask = rel.to(q.dtype)
             if ctx.causal:
                 mask = mask.masked_fill(~visible, float("-inf"))
