@@ -18,9 +18,10 @@ the keys); everything that acts on the logits happens here. Backends, chosen per
   (CPU ``exp`` is 5-13 x slower below its underflow threshold; see ``_floored``);
 - anything else: SDPA with a float mask (bias + causal) built once per shape, dtype and
   device and shared by all layers; or ``backend="explicit"``, the float32 einsum reference;
-- on CUDA, a bias goes through FlexAttention (:func:`flex_bias_attention`, compiled, causal
-  blocks skipped, the bias read from its values where it is Toeplitz); ``backend="flex"``
-  asks for it anywhere (forward only on the CPU), ``backend="sdpa"`` keeps SDPA on CUDA.
+- on CUDA, a learned position bias in half precision goes through FlexAttention
+  (:func:`flex_bias_attention`, compiled, causal blocks skipped, the bias read from its
+  values where it is Toeplitz), where it was measured faster than SDPA; ``backend="flex"``
+  asks for it anywhere (forward only on the CPU), ``backend="sdpa"`` never.
 
 All backends agree to 1e-5 in float32 (tested).
 """
@@ -92,7 +93,7 @@ def attention(
         return _explicit(q, k, v, causal=causal, bias=bias, scale=scale)
     if bias is not None and backend == "flex":
         return flex_bias_attention(q, k, v, bias, causal=causal, scale=scale)
-    if bias is not None and backend == "auto" and q.device.type == "cuda" and tq > 1 and not bias.content:
+    if bias is not None and backend == "auto" and _flex_pays(q, bias, tq):
         if FLEX_FAILURE["error"] is None:
             try:
                 return flex_bias_attention(q, k, v, bias, causal=causal, scale=scale)
@@ -176,6 +177,20 @@ def _causal_block_mask(tq: int, tk: int, device: torch.device):
 
         _BLOCK_MASKS[key] = create_block_mask(causal, None, None, tq, tk, device=device)
     return _BLOCK_MASKS[key]
+
+
+def _flex_pays(q: Tensor, bias: AttentionBias, tq: int) -> bool:
+    """Where FlexAttention beat SDPA with a float mask on an H200 (``benchmarks/flex_probe.py``,
+    T = 4096, forward + backward): a learned position bias in half precision (KERPLE 1.97 ms
+    against 4.57). In float32 SDPA was faster (ALiBi 4.7 ms against 9.4, KERPLE 7.0 against
+    9.5; at T = 16384 64 against 110), and for a constant bias in bfloat16 too (1.28 / 1.51)."""
+    return (
+        q.device.type == "cuda"
+        and tq > 1
+        and not bias.content
+        and bias.requires_grad
+        and q.dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 def flex_bias_attention(

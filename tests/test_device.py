@@ -141,13 +141,15 @@ def test_padding_masks_on_the_device(device):
 
 @pytest.mark.parametrize("name", ["alibi", "kerple_log", "fire"])
 def test_biases_train_through_compiled_flex_attention_on_cuda(name, device):
-    """On CUDA a position-only bias takes FlexAttention (compiled), gradients included; the
-    run fails here rather than quietly falling back to SDPA."""
-    from poslab import attention as attention_module
+    """FlexAttention on CUDA (compiled) trains a position bias as the CPU does, gradients
+    included; a compiler failure fails here rather than quietly falling back to SDPA."""
+    import importlib
+
+    attention_module = importlib.import_module("poslab.attention")  # the module, not the function
 
     if device.type != "cuda":
         pytest.skip("FlexAttention is the CUDA path")
-    cpu, other = _pair(name, device, window=None)
+    cpu, other = _pair(name, device, attention_backend="flex")
     x = torch.randint(0, 50, (2, 256))
     want, want_grads = _loss_and_grads(cpu, x)
     got, got_grads = _loss_and_grads(other, x.to(device))
