@@ -215,7 +215,7 @@ class LearnableFourierFeatures(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """``(..., G, M)`` positions -> ``(..., G, F)`` Fourier features (before the MLP)."""
         work = torch.promote_types(self.freqs.weight.dtype, torch.float32)  # angles never in half precision
-        proj = x.to(work) @ self.freqs.weight.to(work).t()
+        proj = torch.nn.functional.linear(x.to(work), self.freqs.weight.to(work))
         return torch.cat((proj.cos(), proj.sin()), dim=-1) / math.sqrt(self.fourier_dim)
 
     def forward(self, x: Tensor) -> Tensor:
