@@ -25,6 +25,7 @@ import itertools
 import os
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -153,27 +154,104 @@ def run_sweep(
         bar.update(1)
 
     if executor == "ray":
+        _check_ray_address(address)  # before any run is marked running
         for config in todo:
             store.mark_running(config.run_id(), config.canonical(), spec.name)
         _run_ray(todo, runs_dir, threads, address, record_result)
     else:
-        # one run per worker in flight: a run is marked running (with its start time) when it
-        # starts, so the table never shows queued runs as running
-        queue = list(reversed(todo))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            pending = {}
-            while queue or pending:
-                while queue and len(pending) < workers:
-                    config = queue.pop()
-                    store.mark_running(config.run_id(), config.canonical(), spec.name)
-                    pending[pool.submit(_work, config.canonical(), str(runs_dir / config.run_id()), threads)] = config
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    config = pending.pop(fut)
-                    exc = fut.exception()
-                    record_result(config, exc if exc is not None else fut.result())
+        _run_local(todo, runs_dir, workers, threads, spec.name, store, record_result)
     bar.close()
     return summary
+
+
+WORKER_RETRIES = 2  # times a run is started again after its worker died under it
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_die_with_parent, initargs=(os.getpid(),)
+    )
+
+
+def _run_local(todo, runs_dir: Path, workers: int, threads: int, sweep: str, store, record_result) -> None:
+    """One run per worker in flight: a run is marked running (with its start time) when it
+    starts, so the table never shows queued runs as running. A worker that dies (killed, out
+    of memory) breaks the pool: the pool is made again and the runs that were in flight start
+    again, resuming from their checkpoints, up to ``WORKER_RETRIES`` times each."""
+    queue = list(reversed(todo))
+    attempts: dict[str, int] = {}
+    pool = _new_pool(workers)
+    try:
+        pending: dict = {}
+        while queue or pending:
+            while queue and len(pending) < workers:
+                config = queue.pop()
+                store.mark_running(config.run_id(), config.canonical(), sweep)
+                pending[pool.submit(_work, config.canonical(), str(runs_dir / config.run_id()), threads)] = config
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in finished:
+                config = pending.pop(fut)
+                exc = fut.exception()
+                if isinstance(exc, BrokenProcessPool):
+                    broken = True
+                    _retry_or_fail(config, attempts, queue, record_result)
+                else:
+                    record_result(config, exc if exc is not None else fut.result())
+            if broken:  # every run still in flight died with the pool
+                for config in pending.values():
+                    _retry_or_fail(config, attempts, queue, record_result)
+                pending = {}
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = _new_pool(workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _retry_or_fail(config: RunConfig, attempts: dict[str, int], queue: list, record_result) -> None:
+    run_id = config.run_id()
+    attempts[run_id] = attempts.get(run_id, 0) + 1
+    if attempts[run_id] > WORKER_RETRIES:
+        record_result(config, RuntimeError(f"the worker running {run_id} died {attempts[run_id]} times; given up"))
+    else:
+        queue.append(config)  # next to start; it resumes from its last checkpoint
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the sweep that started it is gone (killed with
+    SIGKILL, say), instead of waiting on its queue forever."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="poslab-parent-watch").start()
+
+
+RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach a cluster's address before giving up
+
+
+def _check_ray_address(address: str | None) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must answer within
+    ``RAY_CONNECT_TIMEOUT`` seconds: ``ray.init`` itself retries an unreachable one forever."""
+    if not address or address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not 'auto', 'host:port' or 'ray://host:port'")
+    import socket
+
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=RAY_CONNECT_TIMEOUT).close()
+    except OSError as err:
+        raise ConfigError(
+            f"no Ray cluster answers at --address {address!r} within {RAY_CONNECT_TIMEOUT:.0f} s ({err}); "
+            "start one (ray start --head) or leave --address out for a local one"
+        ) from None
 
 
 def _run_ray(todo, runs_dir: Path, threads: int, address: str | None, record_result) -> None:
