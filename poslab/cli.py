@@ -121,7 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_dir) / run_id
         store.mark_running(run_id, config.canonical())
         try:
-            record = execute(config, run_dir=run_dir, progress=not args.no_progress)
+            record = execute(config, run_dir=run_dir, progress=not args.no_progress,
+                             checkpoint_every=args.checkpoint_every, force=args.force)  # fmt: skip
         except BaseException as exc:
             store.fail(run_id, config.canonical(), f"{type(exc).__name__}: {exc}")
             raise
@@ -150,6 +151,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         workers=args.workers,
         address=args.address,
         progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
     )
     print(
         f"sweep {spec.name}: {summary['total']} runs, {summary['skipped']} already done, "
@@ -187,6 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The quickstart study: six encodings on two copy tasks, two seeds, table + report."""
     spec_path = Path(args.file) if args.file else ROOT / "examples" / "quickstart.toml"
     ns = argparse.Namespace(
+        checkpoint_every=500,
         file=str(spec_path),
         db=args.db,
         runs_dir=args.runs_dir,
@@ -197,6 +200,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report=args.out,
     )
     return cmd_sweep(ns)
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (the error names the value and what is allowed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _ints(text: str, field: str) -> list[int]:
@@ -395,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.add_argument("--run-dir", help="run directory (default RUNS_DIR/<run id>)")
-    p.add_argument("--force", action="store_true", help="rerun even if the database has this run")
+    p.add_argument("--force", action="store_true", help="train again from scratch even if this run is stored")
+    p.add_argument("--checkpoint-every", type=_positive, default=500, help="steps between checkpoints (500)")
     storage(p)
     p.set_defaults(func=cmd_run)
 
@@ -403,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--address", help="Ray cluster address (with --executor ray)")
-    p.add_argument("--workers", type=int, help="parallel runs (default: CPU cores)")
+    p.add_argument("--workers", type=_positive, help="parallel runs (default: CPU cores)")
     p.add_argument("--report", help="also write a report to this directory")
+    p.add_argument("--checkpoint-every", type=_positive, default=500, help="steps between checkpoints (500)")
     storage(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -469,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the quickstart study (make demo)")
     p.add_argument("--file", help="sweep file (default examples/quickstart.toml)")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=_positive)
     p.add_argument("--out", default="runs/quickstart", help="report directory")
     storage(p)
     p.set_defaults(func=cmd_demo)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ def execute(
     progress: bool = True,
     threads: int | None = None,
     checkpoint_every: int = 500,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate ``config``; return the run record (also written to ``run_dir``).
 
@@ -54,8 +56,11 @@ def execute(
     "exact_match", "token_accuracy", "loss"}}``), ``in_distribution``,
     ``out_of_distribution``, ``acc_at_2x`` and training facts. Scratchpad runs add
     ``answer_exact_match`` (the final answer of a greedy generation, as the published scorer
-    reads it) per length and in the summaries.
+    reads it) per length and in the summaries. ``checkpoint_every``: steps between
+    checkpoints; ``force``: train again from scratch even where ``run_dir`` holds a record.
     """
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     if threads:
         torch.set_num_threads(threads)
     ckpt = None
@@ -63,9 +68,12 @@ def execute(
         run_dir = Path(run_dir)
         claim_run_dir(run_dir, config)
         done = run_dir / "record.json"
+        ckpt = run_dir / "checkpoint"
+        if force:  # run again from scratch: neither the record nor a checkpoint is reused
+            done.unlink(missing_ok=True)
+            shutil.rmtree(ckpt, ignore_errors=True)
         if done.exists():
             return json.loads(done.read_text())
-        ckpt = run_dir / "checkpoint"
     splits = make_splits(config)
     result = train(config, splits, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, progress=progress)
     eval_gen = torch.Generator().manual_seed(config.seed + 1)  # used by schemes that sample at evaluation

@@ -86,11 +86,12 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     return configs
 
 
-def _work(config_dict: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+def _work(config_dict: dict[str, Any], run_dir: str, threads: int, checkpoint_every: int = 500) -> dict[str, Any]:
     """Worker entry point (top level so it pickles)."""
     from poslab.runner import execute
 
-    return execute(RunConfig(**config_dict), run_dir=run_dir, progress=False, threads=threads)
+    return execute(RunConfig(**config_dict), run_dir=run_dir, progress=False, threads=threads,
+                   checkpoint_every=checkpoint_every)  # fmt: skip
 
 
 def run_sweep(
@@ -101,6 +102,7 @@ def run_sweep(
     workers: int | None = None,
     address: str | None = None,
     progress: bool = True,
+    checkpoint_every: int = 500,
 ) -> dict[str, Any]:
     """Run every unfinished config of ``spec``; return counts and the sweep's run ids.
 
@@ -112,7 +114,10 @@ def run_sweep(
         workers: parallel runs (default: the number of CPU cores, at most the runs).
         address: Ray cluster address (``"auto"``, ``"ray://host:port"``; default: local).
         progress: show a progress bar over runs with ETA.
+        checkpoint_every: steps between a run's checkpoints (a killed run resumes from its last).
     """
+    if isinstance(workers, bool) or (workers is not None and (not isinstance(workers, int) or workers < 1)):
+        raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
     if executor not in EXECUTORS:
         raise ConfigError(f"executor={executor!r} is not one of {', '.join(EXECUTORS)}")
     configs = expand(spec)
@@ -157,9 +162,9 @@ def run_sweep(
         _check_ray_address(address)  # before any run is marked running
         for config in todo:
             store.mark_running(config.run_id(), config.canonical(), spec.name)
-        _run_ray(todo, runs_dir, threads, address, record_result)
+        _run_ray(todo, runs_dir, threads, address, record_result, checkpoint_every)
     else:
-        _run_local(todo, runs_dir, workers, threads, spec.name, store, record_result)
+        _run_local(todo, runs_dir, workers, threads, spec.name, store, record_result, checkpoint_every)
     bar.close()
     return summary
 
@@ -173,7 +178,9 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
-def _run_local(todo, runs_dir: Path, workers: int, threads: int, sweep: str, store, record_result) -> None:
+def _run_local(
+    todo, runs_dir: Path, workers: int, threads: int, sweep: str, store, record_result, checkpoint_every: int = 500
+) -> None:
     """One run per worker in flight: a run is marked running (with its start time) when it
     starts, so the table never shows queued runs as running. A worker that dies (killed, out
     of memory) breaks the pool: the pool is made again and the runs that were in flight start
@@ -187,7 +194,8 @@ def _run_local(todo, runs_dir: Path, workers: int, threads: int, sweep: str, sto
             while queue and len(pending) < workers:
                 config = queue.pop()
                 store.mark_running(config.run_id(), config.canonical(), sweep)
-                pending[pool.submit(_work, config.canonical(), str(runs_dir / config.run_id()), threads)] = config
+                run_dir = str(runs_dir / config.run_id())
+                pending[pool.submit(_work, config.canonical(), run_dir, threads, checkpoint_every)] = config
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             broken = False
             for fut in finished:
@@ -254,7 +262,9 @@ def _check_ray_address(address: str | None) -> None:
         ) from None
 
 
-def _run_ray(todo, runs_dir: Path, threads: int, address: str | None, record_result) -> None:
+def _run_ray(
+    todo, runs_dir: Path, threads: int, address: str | None, record_result, checkpoint_every: int = 500
+) -> None:
     try:
         import ray
     except ImportError:
@@ -264,7 +274,10 @@ def _run_ray(todo, runs_dir: Path, threads: int, address: str | None, record_res
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=threads)(_work)
-        refs = {remote.remote(c.canonical(), str(runs_dir.resolve() / c.run_id()), threads): c for c in todo}
+        refs = {
+            remote.remote(c.canonical(), str(runs_dir.resolve() / c.run_id()), threads, checkpoint_every): c
+            for c in todo
+        }
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -147,27 +148,43 @@ class TrainResult:
     resumed_from: int = 0
 
 
+CHECKPOINT = "checkpoint.safetensors"
+
+
 def _save_checkpoint(path: Path, model, opt, sched, step: int, losses: list[float], gen: torch.Generator) -> None:
+    """One file (model, optimizer, schedule, both generators, the loss curve), written to a
+    temporary name, flushed to disk and renamed: a kill at any moment leaves either the
+    previous checkpoint or this one, never a mix."""
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not _tied(model, k)}, path / "model.tmp")
-    opt_tensors, opt_meta = {}, {"param_groups": opt.state_dict()["param_groups"], "state_keys": {}}
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items() if not _tied(model, k)}
+    opt_meta = {"param_groups": opt.state_dict()["param_groups"], "state_keys": {}}
     for pid, state in opt.state_dict()["state"].items():
         opt_meta["state_keys"][str(pid)] = {}
         for name, value in state.items():
             if torch.is_tensor(value):
-                opt_tensors[f"{pid}.{name}"] = value.contiguous()
+                tensors[f"opt.{pid}.{name}"] = value.contiguous()
             else:
                 opt_meta["state_keys"][str(pid)][name] = value
-    opt_tensors["__rng__"] = gen.get_state()
+    tensors["rng.batches"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()  # dropout draws from the global generator
     meta = {
         "step": str(step),
         "optimizer": json.dumps(opt_meta),
         "scheduler": json.dumps(sched.state_dict()),
         "losses": json.dumps(losses),
     }
-    save_file(opt_tensors, path / "trainer.tmp", metadata=meta)
-    (path / "model.tmp").replace(path / "model.safetensors")  # atomic: a kill leaves the old pair
-    (path / "trainer.tmp").replace(path / "trainer.safetensors")
+    tmp = path / (CHECKPOINT + ".tmp")
+    save_file(tensors, tmp, metadata=meta)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path / CHECKPOINT)
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself reaches the disk
+    finally:
+        os.close(directory)
+    for old in ("model.safetensors", "trainer.safetensors"):  # the earlier two-file format
+        (path / old).unlink(missing_ok=True)
 
 
 def _tied(model, key: str) -> bool:
@@ -175,24 +192,54 @@ def _tied(model, key: str) -> bool:
 
 
 def _load_checkpoint(path: Path, model, opt, sched, gen: torch.Generator) -> tuple[int, list[float]]:
+    """Resume from ``path``'s checkpoint (or the earlier two-file format); ``(step, losses)``."""
     from safetensors import safe_open
 
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-    tensors = load_file(path / "trainer.safetensors")
-    with safe_open(path / "trainer.safetensors", "pt") as fh:
+    if (path / CHECKPOINT).exists():
+        file = path / CHECKPOINT
+        tensors = load_file(file)
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        opt_tensors = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
+        rng_batches, rng_torch = tensors["rng.batches"], tensors.get("rng.torch")
+    else:  # model.safetensors + trainer.safetensors, written before the single file
+        file = path / "trainer.safetensors"
+        model_state = load_file(path / "model.safetensors")
+        opt_tensors = {k: v for k, v in load_file(file).items() if k != "__rng__"}
+        rng_batches, rng_torch = load_file(file)["__rng__"], None
+    with safe_open(file, "pt") as fh:
         meta = fh.metadata()
+    model.load_state_dict(model_state, strict=False)
     opt_meta = json.loads(meta["optimizer"])
     state = {}
     for pid, extras in opt_meta["state_keys"].items():
         entry = dict(extras)
-        for key, value in tensors.items():
+        for key, value in opt_tensors.items():
             if key.startswith(f"{pid}."):
                 entry[key.split(".", 1)[1]] = value
         state[int(pid)] = entry
     opt.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
     sched.load_state_dict(json.loads(meta["scheduler"]))
-    gen.set_state(tensors["__rng__"])
+    gen.set_state(rng_batches)
+    if rng_torch is not None:
+        torch.set_rng_state(rng_torch)
     return int(meta["step"]), json.loads(meta["losses"])
+
+
+def _resume(ckpt: Path, model, opt, sched, gen: torch.Generator) -> tuple[int, list[float]] | None:
+    """Resume from ``ckpt`` when it holds a checkpoint: ``(step, losses)``, or ``(0, [])``
+    without one. A checkpoint that cannot be read (cut short by a full disk, say) is moved
+    aside with a warning and ``None`` says the run starts over from scratch."""
+    if not ((ckpt / CHECKPOINT).exists() or (ckpt / "trainer.safetensors").exists()):
+        return 0, []
+    try:
+        return _load_checkpoint(ckpt, model, opt, sched, gen)
+    except Exception as err:  # unreadable: never leave the run stuck on it
+        for name in (CHECKPOINT, "model.safetensors", "trainer.safetensors"):
+            if (ckpt / name).exists():
+                (ckpt / name).replace(ckpt / (name + ".unreadable"))
+        warnings.warn(f"checkpoint in {ckpt} could not be read ({type(err).__name__}: {err}); starting over",
+                      stacklevel=3)  # fmt: skip
+        return None
 
 
 def train(
@@ -232,8 +279,15 @@ def train(
     gen = torch.Generator().manual_seed(config.seed)
     start, losses = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt is not None and (ckpt / "trainer.safetensors").exists():
-        start, losses = _load_checkpoint(ckpt, model, opt, sched, gen)
+    if ckpt is not None:
+        resumed = _resume(ckpt, model, opt, sched, gen)
+        if resumed is not None:
+            start, losses = resumed
+        else:  # the checkpoint was unreadable and may have half-loaded: start as a fresh run does
+            torch.manual_seed(config.seed)
+            model = build_model(config, len(splits.vocab), splits.max_seq_len)
+            opt, sched = make_optimizer(model, config.lr, config.weight_decay, config.steps, config.warmup)
+            gen = torch.Generator().manual_seed(config.seed)
 
     def step_loss(step: int) -> StepLoss:
         if config.train_data == "fresh":

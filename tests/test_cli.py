@@ -279,3 +279,32 @@ def test_positions_help_lists_every_scheme(capsys):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(name in text for name in positions.scheme_names())
+
+
+def test_force_trains_again_from_scratch_and_checkpoint_every_reaches_the_run(tmp_path, capsys):
+    db, runs = str(tmp_path / "r.sqlite"), str(tmp_path / "runs")
+    base = ["run", "--task", "copy", "--pe", "nope", "--train-length", "1:3", "--test-length", "1:4", "--steps", "6",
+            *SMALL, "--db", db, "--runs-dir", runs, "--json", "--no-progress", "--checkpoint-every", "2"]  # fmt: skip
+    assert main(base) == 0
+    first = json.loads(capsys.readouterr().out)
+    run_dir = tmp_path / "runs" / first["run_id"]
+    record = json.loads((run_dir / "record.json").read_text())
+    record["train"]["final_loss"] = 999.0  # a stale record: --force must not hand it back
+    (run_dir / "record.json").write_text(json.dumps(record))
+    assert main([*base, "--force"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["train"]["final_loss"] == first["train"]["final_loss"] != 999.0
+    assert again["train"]["resumed_from_step"] == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sweep", "x.toml", "--workers", "-3"], "--workers: must be an integer >= 1, got '-3'"),
+        (["run", "--checkpoint-every", "0"], "--checkpoint-every: must be an integer >= 1, got '0'"),
+    ],
+)
+def test_counts_are_checked_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, data):
     cfg = RunConfig.create(**TINY, train_data=data)
     full = train(cfg, progress=False)
     part = train(cfg, checkpoint_dir=tmp_path, progress=False, stop_after=9)
-    assert len(part.losses) == 9 and (tmp_path / "model.safetensors").exists()
+    assert len(part.losses) == 9 and (tmp_path / "checkpoint.safetensors").exists()
     resumed = train(cfg, checkpoint_dir=tmp_path, progress=False)
     assert resumed.resumed_from == 9
     assert resumed.losses == full.losses
@@ -220,3 +220,42 @@ def test_a_decoder_pool_batch_draws_rows_of_any_length():
     assert len(set(lengths.tolist())) > 3 and (inputs == PAD).any()
     again, _ = train_mod.pool_batch(splits.train, 64, torch.Generator().manual_seed(0), encoder=False)
     assert torch.equal(inputs, again)
+
+
+def test_resume_with_dropout_equals_uninterrupted(tmp_path):
+    """Dropout draws from the global generator, which the checkpoint keeps too."""
+    cfg = RunConfig.create(**TINY, dropout=0.2)
+    full = train(cfg, progress=False)
+    train(cfg, checkpoint_dir=tmp_path, progress=False, stop_after=7)
+    resumed = train(cfg, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from == 7 and resumed.losses == full.losses
+
+
+def test_an_unreadable_checkpoint_is_moved_aside_and_the_run_starts_over(tmp_path):
+    cfg = RunConfig.create(**TINY)
+    full = train(cfg, progress=False)
+    train(cfg, checkpoint_dir=tmp_path, progress=False, stop_after=5)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])  # cut short
+    with pytest.warns(UserWarning, match="could not be read"):
+        again = train(cfg, checkpoint_dir=tmp_path, progress=False)
+    assert again.resumed_from == 0 and again.losses == full.losses
+    assert (tmp_path / "checkpoint.safetensors.unreadable").exists()
+
+
+def test_a_checkpoint_is_one_file_replaced_whole(tmp_path, monkeypatch):
+    """A kill while the next checkpoint is being written leaves the previous one intact."""
+    from poslab import train as train_module
+
+    cfg = RunConfig.create(**TINY)
+    train(cfg, checkpoint_dir=tmp_path, progress=False, stop_after=4)
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process died inside the write
+
+    monkeypatch.setattr(train_module, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, checkpoint_dir=tmp_path, progress=False, stop_after=8)
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]
