@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -495,14 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from poslab.config import ConfigError
     from poslab.runner import RunDirConflict
+    from poslab.store import StoreError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RunDirConflict) as err:
+    except (ConfigError, RunDirConflict, StoreError) as err:
         print(f"poslab {args.command}: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `poslab tasks | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: let that go nowhere
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -136,6 +137,18 @@ def _fmt(ms: tuple[float, float]) -> str:
     return "-" if mean != mean else f"{mean:.3f} ± {std:.3f}"
 
 
+def _md_cell(text: Any) -> str:
+    """A table cell safe in Markdown and in the HTML it renders to: ``<``, ``>`` and ``&``
+    escaped (a label can hold ``<script>``), ``|`` escaped (it would start a new column)."""
+    return html.escape(str(text), quote=False).replace("|", "\\|")
+
+
+def _md_cells(line: str) -> list[str]:
+    """The cells of a Markdown table row, as text (escaped pipes and entities undone)."""
+    cells = re.split(r"(?<!\\)\|", line.strip().removeprefix("|").removesuffix("|"))
+    return [html.unescape(c.strip().replace("\\|", "|")) for c in cells]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Exact match (mean ± std over seeds) per task and encoding."""
     answers = any(r["ood_answer_em"][0] == r["ood_answer_em"][0] for r in rows)  # some run has them
@@ -150,7 +163,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         per_seed = ", ".join(f"{v:.3f}" for v in r["ood_per_seed"])
         extra = f"{_fmt(r['ood_answer_em'])} | " if answers else ""
         lines.append(
-            f"| {r['task']} | {r['label']} | {len(r['seeds'])} | {lo}-{hi} | {tlo}-{thi} | {_fmt(r['id_em'])} | "
+            f"| {_md_cell(r['task'])} | {_md_cell(r['label'])} | {len(r['seeds'])} | {lo}-{hi} | {tlo}-{thi} | {_fmt(r['id_em'])} | "
             f"{_fmt(r['ood_em'])} | {_fmt(r['at2x_em'])} | {_fmt(r['ood_tok'])} | {extra}{per_seed} |"
         )
     return "\n".join(lines)
@@ -239,7 +252,7 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
         if training is not None:
             pngs[f"{t} training"] = training
     md = [
-        f"# {title}",
+        f"# {_md_cell(title)}",
         "",
         "Exact match (mean ± std over seeds); out-of-distribution = lengths beyond training, "
         "each length weighted once.",
@@ -250,10 +263,10 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
     md += [f"![{t}]({p.name})" for t, p in pngs.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     html_rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _md_cells(line)) + "</tr>"
         for line in table.splitlines()[2:]
     )
-    header = "".join(f"<th>{html.escape(c.strip())}</th>" for c in table.splitlines()[0].strip("|").split("|"))
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in _md_cells(table.splitlines()[0]))
     imgs = "".join(
         f'<h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}">'

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultStore", "DEFAULT_DB"]
+__all__ = ["ResultStore", "StoreError", "DEFAULT_DB"]
 
 DEFAULT_DB = Path("runs") / "poslab.sqlite"
 
@@ -36,14 +36,47 @@ CREATE INDEX IF NOT EXISTS runs_task_pe ON runs (task, pe);
 """
 
 
+COLUMNS = {"run_id", "task", "pe", "seed", "config", "status", "record", "error", "sweep", "started_at", "finished_at"}
+
+
+class StoreError(ValueError):
+    """A results database that cannot be used (not SQLite, another program's, a folder)."""
+
+
 class ResultStore:
-    """Runs and their records in one SQLite file (created on first use)."""
+    """Runs and their records in one SQLite file (created on first use).
+
+    An existing file must be a poslab results database: a file that is not SQLite, or a
+    SQLite file of another program (tables but no ``runs`` table of these columns), is
+    refused before anything is written to it.
+    """
 
     def __init__(self, path: str | Path = DEFAULT_DB) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"--db {str(self.path)!r} is a folder; give a file (default {DEFAULT_DB})")
+        self._check_existing()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.executescript(SCHEMA)
+
+    def _check_existing(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        try:
+            con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60)
+            try:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                columns = {r[1] for r in con.execute("PRAGMA table_info(runs)")} if "runs" in tables else set()
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"--db {str(self.path)!r} is not an SQLite results database ({err})") from None
+        if tables and columns != COLUMNS:
+            raise StoreError(
+                f"--db {str(self.path)!r} is another program's SQLite file (tables: {', '.join(sorted(tables))}); "
+                "poslab writes only to its own results database"
+            )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -189,10 +189,16 @@ def run_vit_study(path: str | Path, *, progress: bool = True) -> dict:
         raise ValueError(f"vit study {path}: needs out and [[variant]] tables; unknown keys {sorted(unknown)}")
     runs = []
     for variant in spec["variant"]:
+        label = str(variant.get("label", variant.get("pe", spec.get("base", {}).get("pe", "rope_2d"))))
+        if "/" in label or "\\" in label or label.startswith(".") or not label.strip():
+            raise ValueError(
+                f"vit study {path}: variant label {label!r} names a file in out: it may not be empty, contain "
+                "'/' or '\\', or start with '.'"
+            )
         fields = {**spec.get("base", {}), **{k: v for k, v in variant.items() if k != "label"}}
         for seed in spec.get("seeds", [0]):
             try:
-                runs.append((variant.get("label", fields.get("pe")), seed, ViTConfig(**fields, seed=seed)))
+                runs.append((label, seed, ViTConfig(**fields, seed=seed)))
             except ValidationError as err:
                 raise ValueError(format_validation_error(err, f"vit study {path}")) from None
     out = Path(spec["out"])
