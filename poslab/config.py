@@ -42,7 +42,7 @@ def parse_length_range(text: str | list | tuple) -> tuple[int, int]:
 class RunConfig(BaseModel):
     """One training + evaluation run. Defaults are the tiny CPU configuration of tasks.md 1.7."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     task: str = Field("copy", description="task name, see `poslab tasks`")
     pe: pe_lib.EncodingName = Field("rope", description="encoding name, see `poslab list`")
@@ -141,6 +141,9 @@ class RunConfig(BaseModel):
                 "causal attention only"
             )
         positions.check_scheme(self.positions, self.positions_params, task.vocabulary())
+        # every evaluated length needs ids (a sequence has at least `length` tokens); the exact
+        # token count is checked again once the data exists
+        positions.check_cover(self.positions, self.positions_params, self.test_length[1])
         dims, reads = positions.position_dims(self.positions), pe_lib.get(self.pe).position_dims
         if dims > reads:
             two_d = ", ".join(n for n in pe_lib.names() if pe_lib.get(n).position_dims == dims)
@@ -227,6 +230,15 @@ def format_validation_error(err: ValidationError, what: str = "run config") -> s
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file into a dict (no validation)."""
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
+    """Read a TOML file into a dict (no validation). A missing, unreadable or malformed file
+    raises :class:`ConfigError` naming the file and what is wrong (the line, for TOML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{str(path)!r} is not valid TOML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{str(path)!r} cannot be read: {err}") from None

@@ -68,6 +68,14 @@ class TransformerConfig(BaseModel):
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv}")
+        dims = _model_dimensions(self)
+        clashes = {k: v for k, v in self.pe_params.items() if k in dims and v != dims[k]}
+        if clashes:
+            first = next(iter(clashes))
+            raise ValueError(
+                f"pe_params {first}={clashes[first]!r} conflicts with the model's {first}={dims[first]!r}; the model "
+                f"passes its own dimensions ({', '.join(dims)}) to the encoding: leave them out of pe_params"
+            )
         if set(self.pe_params) <= set(pe_lib.parameters(self.pe)):  # unknown names: Transformer says
             # an encoding checks its own parameter values; fail here, before any work. The
             # trial build must not consume random numbers: seeded runs stay as they were.
@@ -149,9 +157,9 @@ def _kernel(config: TransformerConfig, layer: int) -> kernel_lib.KernelizedRPEAt
     )
 
 
-def build_encoding(config: TransformerConfig) -> PositionalEncoding:
-    """Build ``config.pe``, passing the model dimensions its constructor accepts."""
-    dims = {
+def _model_dimensions(config: TransformerConfig) -> dict[str, Any]:
+    """What the model tells its encoding about itself."""
+    return {
         "d_model": config.d_model,
         "num_heads": config.num_heads,
         "head_dim": config.head_dim,
@@ -159,6 +167,11 @@ def build_encoding(config: TransformerConfig) -> PositionalEncoding:
         "max_len": config.max_seq_len,
         "num_layers": config.num_layers,
     }
+
+
+def build_encoding(config: TransformerConfig) -> PositionalEncoding:
+    """Build ``config.pe``, passing the model dimensions its constructor accepts."""
+    dims = _model_dimensions(config)
     accepted = pe_lib.parameters(config.pe)
     params = {k: v for k, v in dims.items() if k in accepted}
     params.update(config.pe_params)

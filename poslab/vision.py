@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +179,9 @@ def run_vit_study(path: str | Path, *, progress: bool = True) -> dict:
     """A TOML study: ``name``, ``out``, ``seeds``, ``[base]`` ViT fields and ``[[variant]]``
     tables (``pe``, ``pe_params``, ``label``). Finished runs (``out/<label>_seed<k>.json``)
     are reused; writes ``report.md`` and ``results.json``."""
-    with open(path, "rb") as fh:
-        spec = tomllib.load(fh)
-    from poslab.config import format_validation_error
+    from poslab.config import format_validation_error, load_toml
+
+    spec = load_toml(path)
 
     unknown = set(spec) - {"name", "out", "seeds", "base", "variant"}
     if unknown or "variant" not in spec or "out" not in spec:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from poslab import train as train_mod
-from poslab.config import RunConfig
+from poslab.config import ConfigError, RunConfig
 from poslab.data import PAD
 from poslab.train import NonFiniteLossError, make_splits, train
 
@@ -104,8 +104,12 @@ def test_randomized_positions_reach_training_and_evaluation(monkeypatch):
 
 
 def test_randomized_range_shorter_than_the_data_fails_before_training():
-    cfg = RunConfig.create(**{**TINY, "positions": "randomized", "positions_params": {"max_len": 5}})
-    with pytest.raises(ValueError, match="max_len=5 is shorter than the longest sequence"):
+    """Shorter than the longest evaluated length: refused with the config, before any data;
+    longer than that but shorter than its tokens: refused once the data exists, before training."""
+    with pytest.raises(ConfigError, match="max_len=5 is shorter than the longest sequence of this run \\(6"):
+        RunConfig.create(**{**TINY, "positions": "randomized", "positions_params": {"max_len": 5}})
+    cfg = RunConfig.create(**{**TINY, "positions": "randomized", "positions_params": {"max_len": 7}})
+    with pytest.raises(ValueError, match="max_len=7 is shorter than the longest sequence"):
         train(cfg, progress=False)
 
 

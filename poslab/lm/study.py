@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +159,9 @@ class StudyConfig(BaseModel):
 
 def load_study(path: str | Path) -> StudyConfig:
     """Read and validate a study file; errors name the field."""
-    from poslab.config import format_validation_error
+    from poslab.config import format_validation_error, load_toml
 
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
+    data = load_toml(path)
     try:
         return StudyConfig(**data)
     except ValidationError as err:

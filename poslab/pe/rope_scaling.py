@@ -153,6 +153,79 @@ def _giraffe_truncated(cfg, dim, base, max_pos, seq_len, dtype=torch.float32):
     return torch.where(inv_freq < a_hi / 8, torch.zeros_like(inv_freq), out), 1.0
 
 
+COMMON_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "resonance")
+# the keys each type reads (beside COMMON_KEYS); a key no type reads is refused ('factr')
+TYPE_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "ntk": ("factor",),
+    "abf": (),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "truncate"),
+    "longrope": ("factor", "original_max_position_embeddings", "long_factor", "short_factor", "attention_factor"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "giraffe_power": ("power",),
+    "giraffe_truncated": ("cutoff", "rho"),
+}  # fmt: skip
+# numeric keys: (the smallest value allowed, whether it may equal it)
+_BOUNDS = {
+    "rope_theta": (1.0, False),
+    "partial_rotary_factor": (0.0, False),
+    "original_max_position_embeddings": (1.0, True),
+    "attention_factor": (0.0, False),
+    "beta_fast": (0.0, False),
+    "beta_slow": (0.0, False),
+    "mscale": (0.0, False),
+    "mscale_all_dim": (0.0, False),
+    "low_freq_factor": (0.0, False),
+    "high_freq_factor": (0.0, False),
+    "power": (0.0, True),
+    "cutoff": (0.0, False),
+    "rho": (0.0, True),
+}
+
+
+def _check_keys(cfg: dict, rope_type: str) -> None:
+    """Unknown keys and values out of range fail here, by name, before any frequency exists."""
+    allowed = (*COMMON_KEYS, *TYPE_KEYS.get(rope_type, ()))
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown:
+        raise RopeScalingError(
+            f"rope_scaling type {rope_type!r} takes no key(s) {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(allowed)}"
+        )
+    for key, (low, inclusive) in _BOUNDS.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RopeScalingError(f"rope_scaling {key} must be a finite number, got {value!r}")
+        if value < low or (value == low and not inclusive):
+            raise RopeScalingError(f"rope_scaling {key} must be {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+    if cfg.get("partial_rotary_factor") is not None and cfg["partial_rotary_factor"] > 1:
+        raise RopeScalingError(f"rope_scaling partial_rotary_factor must be <= 1, got {cfg['partial_rotary_factor']!r}")
+    factor = cfg.get("factor")
+    if factor is not None and (
+        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor)
+    ):
+        raise RopeScalingError(f"rope_scaling factor must be a finite number >= 1, got {factor!r}")
+    for key in ("long_factor", "short_factor"):
+        vec = cfg.get(key)
+        if vec is None:
+            continue
+        if not isinstance(vec, (list, tuple)) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in vec
+        ):
+            raise RopeScalingError(f"rope_scaling {key} must be a list of finite numbers > 0, got {vec!r}")
+    if rope_type == "llama3" and cfg.get("low_freq_factor") is not None and cfg.get("high_freq_factor") is not None:
+        if cfg["high_freq_factor"] <= cfg["low_freq_factor"]:
+            raise RopeScalingError(
+                f"rope_scaling high_freq_factor ({cfg['high_freq_factor']}) must exceed low_freq_factor "
+                f"({cfg['low_freq_factor']})"
+            )
+
+
 # one function per type, ``(cfg, dim, base, max_pos, seq_len, dtype=torch.float32) ->
 # (inv_freq, attention_factor)``; add to the dict to register another type
 ROPE_TYPES: dict[str, Callable] = {
@@ -208,12 +281,15 @@ def rope_frequencies(
         raise RopeScalingError(f"unknown rope_scaling type {rope_type!r}; known types: {', '.join(ROPE_TYPES)}")
     if head_dim < 2 or head_dim % 2:
         raise RopeScalingError(f"head_dim must be an even number >= 2, got {head_dim}")
+    _check_keys(cfg, rope_type)
     if rope_type != "abf" and cfg.get("rope_theta") is not None:
         base = float(cfg["rope_theta"])
-    if base <= 1:
-        raise RopeScalingError(f"base (rope_theta) must be > 1, got {base}")
+    if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
+        raise RopeScalingError(f"base (rope_theta) must be a finite number > 1, got {base!r}")
     if max_position_embeddings < 1:
         raise RopeScalingError(f"max_position_embeddings must be >= 1, got {max_position_embeddings}")
+    if seq_len is not None and seq_len < 1:
+        raise RopeScalingError(f"seq_len must be >= 1, got {seq_len}")
     dim = int(head_dim * cfg.get("partial_rotary_factor", 1.0))
     if dim < 2:
         raise RopeScalingError(f"partial_rotary_factor leaves {dim} rotated channels; at least 2 are needed")

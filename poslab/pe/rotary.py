@@ -3,6 +3,8 @@ and xPos."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -64,8 +66,8 @@ class RoPE(PositionalEncoding):
         _check_layout(self.name, layout)
         check_int(self.name, "n_hat", n_hat, 0)
         self.n_hat = n_hat
-        if base <= 1.0:
-            raise ValueError(f"rope: base must be > 1, got {base}")
+        if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1.0):
+            raise ValueError(f"rope: base must be a finite number > 1, got {base!r}")
         self.head_dim, self.base, self.layout = head_dim, base, layout
         self.rot_dim = F.rotary_dim(head_dim, partial_rotary_factor)
         self.register_buffer("inv_freq", F.rope_inv_freq(self.rot_dim, base), persistent=False)
@@ -214,8 +216,10 @@ class XPos(PositionalEncoding):
     ) -> None:
         super().__init__()
         _check_layout(self.name, layout)
-        if scale_base <= 0:
-            raise ValueError(f"xpos: scale_base must be > 0, got {scale_base}")
+        if not (isinstance(scale_base, (int, float)) and math.isfinite(scale_base) and scale_base > 0):
+            raise ValueError(f"xpos: scale_base must be a finite number > 0, got {scale_base!r}")
+        if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1.0):
+            raise ValueError(f"xpos: base must be a finite number > 1, got {base!r}")
         self.head_dim, self.layout = head_dim, layout
         self.scale_base, self.center = scale_base, center
         self.register_buffer("inv_freq", F.rope_inv_freq(head_dim, base), persistent=False)
