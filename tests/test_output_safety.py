@@ -18,7 +18,7 @@ def test_a_vit_study_refuses_labels_that_would_leave_its_folder(tmp_path, label)
 
     study = tmp_path / "s.toml"
     out = (tmp_path / "out").as_posix()
-    study.write_text(f"out = \"{out}\"\n[[variant]]\nlabel = '{label}'\npe = \"learned\"\nsteps = 1\n")
+    study.write_text(f'out = "{out}"\n[[variant]]\nlabel = \'{label}\'\npe = "learned"\nsteps = 1\n')
     with pytest.raises(ValueError, match="names a file in out"):
         vision.run_vit_study(study, progress=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
