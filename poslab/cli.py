@@ -143,6 +143,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from poslab.sweep import load_sweep, run_sweep
 
     spec = load_sweep(args.file)  # validates every run before any work
+    _writable_dir(args.report, "--report")
     store = ResultStore(args.db)
     summary = run_sweep(
         spec,
@@ -177,6 +178,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not Path(args.db).exists():
         raise SystemExit(f"no results database at {args.db}; run `poslab run` or `poslab sweep` first")
     store = ResultStore(args.db)
+    _writable_dir(args.out, "--out")
     records = store.records(sweep=args.sweep)
     if not records:
         raise SystemExit(f"no finished runs in {args.db}" + (f" for sweep {args.sweep!r}" if args.sweep else ""))
@@ -201,6 +203,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report=args.out,
     )
     return cmd_sweep(ns)
+
+
+def _writable_dir(path: str | Path | None, flag: str) -> None:
+    """Fail before any work when ``path`` (an output folder) cannot be created or written."""
+    if path is None:
+        return
+    from poslab.config import ConfigError
+
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".poslab-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{flag} {str(folder)!r} cannot be written ({err.strerror or err})") from None
 
 
 def _positive(text: str) -> int:

@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS runs_task_pe ON runs (task, pe);
+CREATE TABLE IF NOT EXISTS sweep_runs (
+    sweep       TEXT NOT NULL,
+    run_id      TEXT NOT NULL,
+    PRIMARY KEY (sweep, run_id)
+);
 """
 
 
@@ -155,12 +160,20 @@ class ResultStore:
                 ),
             )
 
+    def add_to_sweep(self, sweep: str, run_ids: list[str]) -> None:
+        """Record that ``sweep`` holds these runs, also those an earlier sweep already finished
+        (a run row names only the sweep that computed it)."""
+        with self._connect() as con:
+            con.executemany(
+                "INSERT OR IGNORE INTO sweep_runs (sweep, run_id) VALUES (?, ?)", [(sweep, r) for r in run_ids]
+            )
+
     def records(self, sweep: str | None = None, run_ids: list[str] | None = None) -> list[dict[str, Any]]:
         """Records of finished runs (optionally one sweep's, or the given ids)."""
         query, args = "SELECT record FROM runs WHERE status = 'done'", []
         if sweep is not None:
-            query += " AND sweep = ?"
-            args.append(sweep)
+            query += " AND (sweep = ? OR run_id IN (SELECT run_id FROM sweep_runs WHERE sweep = ?))"
+            args += [sweep, sweep]
         if run_ids is not None:
             if not run_ids:
                 return []

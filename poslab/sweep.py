@@ -121,6 +121,7 @@ def run_sweep(
     if executor not in EXECUTORS:
         raise ConfigError(f"executor={executor!r} is not one of {', '.join(EXECUTORS)}")
     configs = expand(spec)
+    store.add_to_sweep(spec.name, [c.run_id() for c in configs])  # runs finished elsewhere belong to it too
     done = store.done_ids()
     todo = [c for c in configs if c.run_id() not in done]
     summary = {

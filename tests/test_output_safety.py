@@ -74,3 +74,22 @@ def test_the_results_database_is_poslab_s_own(tmp_path, capsys):
 def test_a_closed_pipe_ends_a_listing_quietly():
     proc = subprocess.run(f"{sys.executable} -m poslab tasks | head -1", shell=True, capture_output=True, text=True)
     assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_an_unwritable_output_folder_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should go")
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('name = "w"\n[base]\ntask = "copy"\nsteps = 1\n[grid]\npe = ["rope"]\n')
+    db = tmp_path / "r.sqlite"
+    assert main(["sweep", str(sweep), "--report", str(blocker / "rep"), "--db", str(db), "--no-progress"]) == 2
+    assert "--report" in capsys.readouterr().err and not db.exists()
+
+
+def test_a_corrupt_model_directory_is_named(tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"cut short")
+    (model / "record.json").write_text('{"config": {"train_length": 16')
+    assert main(["lm", "eval", "--model", str(model), "--methods", "none", "--lengths", "16"]) == 2
+    assert "has an unreadable record.json" in capsys.readouterr().err

@@ -101,6 +101,19 @@ def apply(
             raise ValueError(
                 f"apply: lm_infinite takes attention_params local (required), n_global, cap; got {sorted(params)}"
             )
+        from poslab.pe.base import check_int
+
+        local = params["local"]
+        for field, value, low in (("local", local, 1), ("n_global", params.get("n_global", 10), 0),
+                                  ("cap", params.get("cap", local), 1)):  # fmt: skip
+            check_int("lm_infinite", field, value, low)
+        kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+        if kind in _LENGTH_DEPENDENT:
+            raise ValueError(f"apply: lm_infinite needs fixed RoPE frequencies; rope_type {kind!r} changes them")
+    # everything is checked before the model changes: a refusal leaves it as it was
+    config, _ = _llama_family(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope_frequencies(rope_scaling, head_dim, _rope_base(config), config.max_position_embeddings)
     _apply_rope(model, rope_scaling)
     if attention == "lm_infinite":
         apply_lm_infinite(model, **params)

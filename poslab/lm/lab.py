@@ -171,7 +171,14 @@ def read_record(path: str | Path) -> dict:
     path = Path(path)
     if not (path / "model.safetensors").exists() or not (path / "record.json").exists():
         raise ValueError(f"no model at {str(path)!r} (expected model.safetensors and record.json from `poslab lm`)")
-    return json.loads((path / "record.json").read_text())
+    try:
+        record = json.loads((path / "record.json").read_text())
+        LMConfig(**record["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a cut-short or hand-edited record
+        raise ValueError(
+            f"the model at {str(path)!r} has an unreadable record.json ({type(err).__name__}: {err})"
+        ) from None
+    return record
 
 
 def load_model(path: str | Path, method: str = "none", target_length: int | None = None) -> tuple[Transformer, dict]:
@@ -213,7 +220,14 @@ def load_model(path: str | Path, method: str = "none", target_length: int | None
 
 def _load_weights(model: Transformer, path: Path) -> Transformer:
     params = {f"pe.{name}" for name, _ in model.pe.named_parameters()}
-    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    try:
+        weights = load_file(path / "model.safetensors")
+    except Exception as err:  # safetensors raises its own error type on a cut-short file
+        raise ValueError(f"the weights at {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shapes that do not fit
+        raise ValueError(f"the weights at {str(path)!r} do not fit this model: {str(err).splitlines()[0]}") from None
     missing = [k for k in missing if k in params or not (k.startswith("pe.") or k == "head.weight")]
     if unexpected or missing:
         raise ValueError(

@@ -161,3 +161,26 @@ def test_attention_bad_input():
         apply(plain, attention="lm_infinite", attention_params={"local": 8, "n_global": -1})
     with pytest.raises(ValueError, match="need an attention"):
         apply(plain, attention_params={"local": 8})
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "attention": "lm_infinite",
+          "attention_params": {"local": 16}}, "lm_infinite needs fixed RoPE frequencies"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "attention": "lm_infinite",
+          "attention_params": {"local": 0}}, "local must be an integer >= 1"),
+        ({"rope_scaling": {"rope_type": "linear", "factr": 2.0}}, "takes no key"),
+    ],
+)  # fmt: skip
+def test_a_refused_apply_leaves_the_model_as_it_was(kwargs, match):
+    plain, _ = _models("llama", {"rope_type": "default"})
+    rotary = plain.model.rotary_emb
+    x = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        before = plain(x).logits
+    with pytest.raises((ValueError, RopeScalingError), match=match):
+        apply(plain, **kwargs)
+    assert plain.model.rotary_emb is rotary
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, before, atol=0, rtol=0)
