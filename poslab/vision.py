@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -99,6 +99,20 @@ class ViTConfig(BaseModel):
     test_examples: int = Field(500, gt=0)
     seed: int = Field(0, ge=0)
 
+    _body: Any = PrivateAttr(None)  # the validated TransformerConfig of the ViT's body
+
+    @model_validator(mode="after")
+    def _model(self) -> ViTConfig:
+        # room past the test grids (SeqPE: for its distillation windows and random shift)
+        sized = pe_lib.get(self.pe).sized_for(
+            max_position=max(self.stride, 4 * self.train_grid), dims=2, train_extent=self.train_grid
+        )
+        self._body = transformer_config(  # the encoding checks its parameters here, before any work
+            self, vocab_size=len(SHAPES), causal=False, pe_params={**sized, **self.pe_params},
+            max_seq_len=self.stride**2, tie_embeddings=False,
+        )  # fmt: skip
+        return self
+
     @property
     def stride(self) -> int:
         return max(self.test_grids + [self.train_grid])
@@ -109,16 +123,8 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        # room past the test grids (SeqPE: for its distillation windows and random shift)
-        sized = pe_lib.get(cfg.pe).sized_for(
-            max_position=max(cfg.stride, 4 * cfg.train_grid), dims=2, train_extent=cfg.train_grid
-        )
-        params = {**sized, **cfg.pe_params}
         self.patch_embed = nn.Linear(cfg.patch * cfg.patch, cfg.d_model)
-        self.body = Transformer(transformer_config(
-            cfg, vocab_size=len(SHAPES), causal=False, pe_params=params, max_seq_len=cfg.stride**2,
-            tie_embeddings=False,
-        ))  # fmt: skip
+        self.body = Transformer(cfg._body)
         self.two_d = self.body.pe.position_dims == 2
         self.stride = cfg.stride
 

@@ -129,3 +129,56 @@ def test_a_model_given_the_wrong_inputs_says_which_and_what_is_allowed():
         model.generate(x, max_new_tokens=-1)
     with pytest.raises(ValueError, match=r"a KV cache needs a causal \(decoder\) model"):
         Transformer(vocab_size=10, d_model=16, num_heads=2, pe="rope", causal=False).new_cache()
+
+
+CLI_CASES = [
+    (["run", "--task", "nosuch"], "unknown task 'nosuch'; valid tasks: "),
+    (["run", "--pe", "nosuch"], "unknown encoding 'nosuch'; valid encodings: alibi"),
+    (["run", "--train-length", "5"], "train_length: a length range is written LO:HI"),
+    (["run", "--steps", "-1"], "steps: Input should be greater than 0"),
+    (["run", "--positions", "nosuch"], "unknown id scheme 'nosuch'; valid schemes: abacus"),
+    (["run", "--positions-param", "max_len"], "--positions-param takes NAME=VALUE, got 'max_len'"),
+    (["run", "--attention", "nosuch"], "unknown attention 'nosuch'; valid: softmax, kernelized_rpe"),
+    (["run", "--scratchpad", "zz"], "scratchpad='zz' is not of the form"),
+    (["run", "--test-task", "nosuch"], "test_task: unknown task 'nosuch'"),
+    (["run", "--window", "0"], "window: Input should be greater than 0"),
+    (["run", "--logit-scale", "nosuch"], "logit_scale='nosuch' is not one of 'none', 'logn'"),
+    (["run", "--d-model", "7", "--num-heads", "2"], "d_model=7 is not divisible by num_heads=2"),
+    (["run", "--pe-param", "base=-3"], "base must be a finite number > 1, got -3"),
+    (["run", "--pe-param", "layout=zig"], "layout='zig' is not one of 'half', 'interleaved'"),
+    (["run", "--pe-param", "head_dim=2"], "pe_params head_dim=2 conflicts with the model's head_dim"),
+    (["run", "--pe", "alibi", "--pe-param", "num_heads=2"], "num_heads=2 conflicts with the model's num_heads=4"),
+    (["run", "--batch-size", "0"], "batch_size: Input should be greater than 0"),
+    (["run", "--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    (["run", "--config", "/nonexistent/run.toml"], "'/nonexistent/run.toml': no such file"),
+    (["run", "--positions", "randomized", "--positions-param", "max_len=12"], "max_len=12 is shorter than"),
+    (["sweep", "/nonexistent/s.toml"], "'/nonexistent/s.toml': no such file"),
+    (["vit", "--pe", "nosuch"], "unknown encoding 'nosuch'"),
+    (["vit", "--train-grid", "0"], "train_grid: Input should be greater than 0"),
+    (["vit", "--test-grids", "a,b"], "--test-grids takes comma-separated integers"),
+    (["vit", "--pe", "rope_2d", "--pe-param", "mode=zig"], "mode='zig' is not one of 'axial', 'mixed'"),
+    (["vit", "--study", "/nonexistent/v.toml"], "'/nonexistent/v.toml': no such file"),
+    (["lm", "eval", "--model", "/nonexistent"], "no model at '/nonexistent'"),
+    (["lm", "eval", "--model", "/nonexistent", "--lengths", "x"], "--lengths takes comma-separated integers"),
+    (["lm", "eval", "--model", "/nonexistent", "--protocol", "zig"], "--protocol 'zig' is not one of nonoverlapping"),
+    (["lm", "eval", "--model", "/nonexistent", "--methods", "rerope"], "unknown context-extension method 'rerope'"),
+    (["lm", "pretrain", "--out", "x", "--train-length", "2"], "train_length: Input should be greater than or equal to 8"),
+    (["lm", "pretrain", "--out", "x", "--pe", "nosuch"], "unknown encoding 'nosuch'"),
+    (["lm", "finetune", "--model", "/nonexistent", "--out", "y", "--method", "pi", "--target-length", "64"],
+     "no model at '/nonexistent'"),
+    (["lm", "longrope", "--model", "/nonexistent", "--target-length", "64"], "no model at '/nonexistent'"),
+    (["lm", "study", "/nonexistent/l.toml"], "'/nonexistent/l.toml': no such file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv,message", CLI_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_bad_command_line_names_the_problem_without_a_traceback(argv, message, tmp_path, capsys, monkeypatch):
+    from poslab.cli import main
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written: checked below
+    if argv[0] in ("run", "sweep"):
+        argv = [*argv, "--db", str(tmp_path / "r.sqlite"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r.sqlite").exists() and not any(tmp_path.iterdir())
