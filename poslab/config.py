@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from poslab import pe as pe_lib
 from poslab import tasks
@@ -83,7 +83,6 @@ class RunConfig(BaseModel):
     )
     test_per_length: int = Field(50, gt=0, description="test examples per evaluated length")
     eval_batch_size: int = Field(256, gt=0)
-    _model: Any = PrivateAttr(None)  # the validated TransformerConfig (transformer_config)
 
     @field_validator("task")
     @classmethod
@@ -159,14 +158,14 @@ class RunConfig(BaseModel):
             )
         from poslab.model import transformer_config
 
-        # the model this run trains, validated once (the encoding checks its parameter values
-        # here, before any work); only its table size waits for the data (transformer_config)
+        # the model this run trains, validated (the encoding checks its parameter values here,
+        # before any work); only its table size waits for the data (transformer_config)
         vocab = task.vocabulary()
         if self.scratchpad is not None:
             from poslab.tasks.scratchpad import ScratchpadTask
 
             vocab = ScratchpadTask(task, self.scratchpad).vocabulary()
-        self._model = transformer_config(
+        transformer_config(
             self,
             vocab_size=len(vocab),
             causal=not getattr(task, "encoder", False),
@@ -175,9 +174,14 @@ class RunConfig(BaseModel):
         return self
 
     def transformer_config(self, vocab_size: int, max_seq_len: int):
-        """The validated :class:`~poslab.model.TransformerConfig` of this run, sized for its
-        data (``max_seq_len``: the longest token sequence under the id scheme)."""
-        return self._model.model_copy(update={"vocab_size": vocab_size, "max_seq_len": max_seq_len})
+        """The :class:`~poslab.model.TransformerConfig` of this run, sized for its data
+        (``max_seq_len``: the longest token sequence under the id scheme). The same mapping
+        validated the run's model when the run was created; it is computed again here, so a
+        copy made with ``model_copy(update=...)`` (which validates nothing) gets its own."""
+        from poslab.model import transformer_config
+
+        causal = not getattr(tasks.get_task(self.task), "encoder", False)
+        return transformer_config(self, vocab_size=vocab_size, causal=causal, max_seq_len=max_seq_len)
 
     # fields added after runs were stored: left out of the hash while at their default, so
     # earlier run ids stay valid

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -99,19 +99,21 @@ class ViTConfig(BaseModel):
     test_examples: int = Field(500, gt=0)
     seed: int = Field(0, ge=0)
 
-    _body: Any = PrivateAttr(None)  # the validated TransformerConfig of the ViT's body
-
     @model_validator(mode="after")
     def _model(self) -> ViTConfig:
+        self.body_config()  # the encoding checks its parameters here, before any work
+        return self
+
+    def body_config(self):
+        """The :class:`~poslab.model.TransformerConfig` of the ViT's body (validated)."""
         # room past the test grids (SeqPE: for its distillation windows and random shift)
         sized = pe_lib.get(self.pe).sized_for(
             max_position=max(self.stride, 4 * self.train_grid), dims=2, train_extent=self.train_grid
         )
-        self._body = transformer_config(  # the encoding checks its parameters here, before any work
+        return transformer_config(
             self, vocab_size=len(SHAPES), causal=False, pe_params={**sized, **self.pe_params},
             max_seq_len=self.stride**2, tie_embeddings=False,
         )  # fmt: skip
-        return self
 
     @property
     def stride(self) -> int:
@@ -124,7 +126,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.patch_embed = nn.Linear(cfg.patch * cfg.patch, cfg.d_model)
-        self.body = Transformer(cfg._body)
+        self.body = Transformer(cfg.body_config())
         self.two_d = self.body.pe.position_dims == 2
         self.stride = cfg.stride
 
