@@ -40,6 +40,9 @@ def setting_label(cfg: dict[str, Any]) -> str:
         label += f" + scratchpad {cfg['scratchpad']}"
     if cfg.get("test_task"):
         label += f" (tested on {cfg['test_task']})"
+    shaping = [f"{k}={cfg[k]}" for k in ("window", "sinks", "logit_scale") if cfg.get(k) not in (None, 0, "none")]
+    if shaping:
+        label += " + " + ", ".join(shaping)
     if cfg.get("attention", "softmax") != "softmax":
         params = ", ".join(f"{k}={v}" for k, v in sorted(cfg.get("attention_params", {}).items()))
         label += f" + {cfg['attention']}" + (f"({params})" if params else "")
