@@ -88,6 +88,7 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "window": args.window,
         "sinks": args.sinks,
         "logit_scale": args.logit_scale,
+        "threads": args.threads,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
     for flag, field, items in (
@@ -140,10 +141,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from poslab.report import aggregate, markdown_table, write_report
     from poslab.store import ResultStore
-    from poslab.sweep import load_sweep, run_sweep
+    from poslab.sweep import check_executor, load_sweep, run_sweep
 
     spec = load_sweep(args.file)  # validates every run before any work
     _writable_dir(args.report, "--report")
+    check_executor(args.executor, args.address)  # before the database or a run folder is made
     store = ResultStore(args.db)
     summary = run_sweep(
         spec,
@@ -232,11 +234,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _ints(text: str, field: str) -> list[int]:
+def _ints(text: str, field: str, low: int = 1) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{field} takes comma-separated integers, e.g. 128,256,512; got {text!r}") from None
+    if not values or min(values) < low:
+        raise ValueError(f"{field} takes comma-separated integers >= {low}; got {text!r}")
+    return values
 
 
 def cmd_lm(args: argparse.Namespace) -> int:
@@ -255,7 +260,7 @@ def cmd_lm(args: argparse.Namespace) -> int:
             try:
                 cfg = lm.LMConfig(**fields)
             except ValidationError as err:
-                raise ValueError(format_validation_error(err, "lm config")) from None
+                raise ValueError(format_validation_error(err, "lm config", lm.LMConfig)) from None
             record = lm.pretrain(cfg, args.out, progress=not args.no_progress)
             print(
                 json.dumps({k: record[k] for k in ("config", "corpus")} | {"final_loss": record["train"]["final_loss"]})
@@ -289,7 +294,7 @@ def cmd_lm(args: argparse.Namespace) -> int:
 
 
 def _lm_eval(args: argparse.Namespace, lm) -> int:
-    lengths = _ints(args.lengths, "--lengths")
+    lengths = _ints(args.lengths, "--lengths", low=2)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in lm.METHODS:
@@ -365,7 +370,7 @@ def cmd_vit(args: argparse.Namespace) -> int:
         try:
             cfg = vision.ViTConfig(**{k: v for k, v in fields.items() if v is not None})
         except ValidationError as err:
-            raise ValueError(format_validation_error(err, "vit run")) from None
+            raise ValueError(format_validation_error(err, "vit run", vision.ViTConfig)) from None
         record = vision.run_vit(cfg, progress=not args.no_progress)
         print(json.dumps(record if args.json else record["accuracy"], indent=2))
         return 0
@@ -425,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-scale", help="per-query logit temperature: " + ", ".join(LOGIT_SCALES))
     p.add_argument(
         "--logit-scale-param", action="append", metavar="NAME=VALUE", help="train_length or init, repeatable"
+    )
+    p.add_argument(
+        "--threads", type=int, help="pin PyTorch's threads (enters the run id; default: all cores, not pinned)"
     )
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.add_argument("--run-dir", help="run directory (default RUNS_DIR/<run id>)")

@@ -83,6 +83,14 @@ class RunConfig(BaseModel):
     )
     test_per_length: int = Field(50, gt=0, description="test examples per evaluated length")
     eval_batch_size: int = Field(256, gt=0)
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="PyTorch intra-op threads of the run, pinned: results differ in the last bits between "
+        "thread counts, so a pinned count enters the run id and reproduces bit for bit across `run` and `sweep`. "
+        "None: the executor's choice (all cores for `poslab run`, cores / workers in a sweep), recorded in the "
+        "run's env",
+    )
 
     @field_validator("task")
     @classmethod
@@ -196,6 +204,7 @@ class RunConfig(BaseModel):
         "sinks": 0,
         "logit_scale": "none",
         "logit_scale_params": {},
+        "threads": None,
     }
 
     def canonical(self) -> dict[str, Any]:
@@ -217,16 +226,21 @@ class RunConfig(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as err:
-            raise ConfigError(format_validation_error(err)) from None
+            raise ConfigError(format_validation_error(err, model=cls)) from None
 
 
-def format_validation_error(err: ValidationError, what: str = "run config") -> str:
+def format_validation_error(
+    err: ValidationError, what: str = "run config", model: type[BaseModel] | None = None
+) -> str:
     """``invalid <what>:`` then one line per problem: ``field: message (got value)``. The one
-    formatter of every config the command line validates (runs, sweeps, the LM lab, the ViT)."""
+    formatter of every config the command line validates (runs, sweeps, the LM lab, the ViT).
+    With ``model``, an unknown field's line lists the fields ``model`` has."""
     lines = []
     for e in err.errors():
         where = ".".join(str(x) for x in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field" + (f"; valid fields: {', '.join(model.model_fields)}" if model else "")
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{where}: {msg}{shown}")

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,7 @@ from poslab.config import RunConfig
 from poslab.evaluate import evaluate_answers, evaluate_per_length, summarize
 from poslab.train import make_splits, position_ids, train
 
-__all__ = ["execute", "RunDirConflict"]
+__all__ = ["execute", "RunDirConflict", "RunLeased", "run_lease", "is_leased"]
 
 
 class RunDirConflict(RuntimeError):
@@ -37,9 +42,10 @@ def claim_run_dir(run_dir: Path, config: RunConfig) -> None:
             )
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cfg_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(canonical, indent=2, sort_keys=True))
-    tmp.replace(cfg_path)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix="config.", suffix=".tmp")  # two callers may claim at once
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(canonical, indent=2, sort_keys=True))
+    os.replace(tmp, cfg_path)
 
 
 def execute(
@@ -49,6 +55,7 @@ def execute(
     threads: int | None = None,
     checkpoint_every: int = 500,
     force: bool = False,
+    wait: bool = True,
 ) -> dict[str, Any]:
     """Train and evaluate ``config``; return the run record (also written to ``run_dir``).
 
@@ -58,15 +65,23 @@ def execute(
     ``answer_exact_match`` (the final answer of a greedy generation, as the published scorer
     reads it) per length and in the summaries. ``checkpoint_every``: steps between
     checkpoints; ``force``: train again from scratch even where ``run_dir`` holds a record.
+
+    A run directory is leased while its run works (:func:`run_lease`): a second process given
+    the same directory (an overlapping sweep, a ``poslab run`` of the same config) waits for
+    the first and returns its record instead of computing it again; with ``wait=False`` it
+    raises :class:`RunLeased` at once. ``threads`` (or ``config.threads``) sets PyTorch's
+    intra-op threads for the run.
     """
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    threads = config.threads or threads
     if threads:
         torch.set_num_threads(threads)
-    ckpt = None
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        claim_run_dir(run_dir, config)
+    if run_dir is None:
+        return _train_and_evaluate(config, None, checkpoint_every, progress)
+    run_dir = Path(run_dir)
+    claim_run_dir(run_dir, config)
+    with run_lease(run_dir, wait=wait):
         done = run_dir / "record.json"
         ckpt = run_dir / "checkpoint"
         if force:  # run again from scratch: neither the record nor a checkpoint is reused
@@ -74,6 +89,67 @@ def execute(
             shutil.rmtree(ckpt, ignore_errors=True)
         if done.exists():
             return json.loads(done.read_text())
+        record = _train_and_evaluate(config, ckpt, checkpoint_every, progress)
+        tmp = run_dir / "record.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(done)
+    return record
+
+
+class RunLeased(RuntimeError):
+    """Another process holds the run directory's lease (it is computing that run now)."""
+
+
+LEASE_FILE = "lease"
+
+
+@contextmanager
+def run_lease(run_dir: Path, wait: bool = True) -> Iterator[None]:
+    """Hold ``run_dir``'s lease: an exclusive ``flock`` on ``run_dir/lease`` for as long as
+    the block runs. The operating system drops it when its process ends, however it ends
+    (SIGKILL, out of memory), so a dead run never blocks the next. ``wait=False`` raises
+    :class:`RunLeased` instead of waiting. The file names the holder (pid and host).
+
+    ``flock`` is local to a machine (and unreliable on some network file systems): Ray
+    workers on several machines sharing one run folder are not kept apart by it. Where
+    ``fcntl`` is missing (Windows) there is no lease."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    with open(run_dir / LEASE_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunLeased(f"run {run_dir.name} is being computed by {holder}") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def is_leased(run_dir: Path) -> bool:
+    """Whether another process holds ``run_dir``'s lease now (a snapshot: it may change)."""
+    if not (run_dir / LEASE_FILE).exists():
+        return False
+    try:
+        with run_lease(run_dir, wait=False):
+            return False
+    except RunLeased:
+        return True
+
+
+def _train_and_evaluate(config: RunConfig, ckpt: Path | None, checkpoint_every: int, progress: bool) -> dict[str, Any]:
     splits = make_splits(config)
     result = train(config, splits, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, progress=progress)
     eval_gen = torch.Generator().manual_seed(config.seed + 1)  # used by schemes that sample at evaluation
@@ -120,10 +196,6 @@ def execute(
             "machine": platform.machine(),
         },
     }
-    if run_dir is not None:
-        tmp = run_dir / "record.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(run_dir / "record.json")
     return record
 
 

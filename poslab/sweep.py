@@ -54,7 +54,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     try:
         spec = SweepSpec(**load_toml(path))
     except ValidationError as err:
-        raise ConfigError(f"{path}: " + format_validation_error(err)) from None
+        raise ConfigError(f"{path}: " + format_validation_error(err, "sweep file", SweepSpec)) from None
     expand(spec)
     return spec
 
@@ -118,8 +118,7 @@ def run_sweep(
     """
     if isinstance(workers, bool) or (workers is not None and (not isinstance(workers, int) or workers < 1)):
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
-    if executor not in EXECUTORS:
-        raise ConfigError(f"executor={executor!r} is not one of {', '.join(EXECUTORS)}")
+    check_executor(executor, address)
     configs = expand(spec)
     store.add_to_sweep(spec.name, [c.run_id() for c in configs])  # runs finished elsewhere belong to it too
     done = store.done_ids()
@@ -160,7 +159,6 @@ def run_sweep(
         bar.update(1)
 
     if executor == "ray":
-        _check_ray_address(address)  # before any run is marked running
         for config in todo:
             store.mark_running(config.run_id(), config.canonical(), spec.name)
         _run_ray(todo, runs_dir, threads, address, record_result, checkpoint_every)
@@ -168,6 +166,17 @@ def run_sweep(
         _run_local(todo, runs_dir, workers, threads, spec.name, store, record_result, checkpoint_every)
     bar.close()
     return summary
+
+
+def check_executor(executor: str, address: str | None) -> None:
+    """Refuse an unknown executor, an address without Ray, or a Ray address that does not
+    answer (:func:`_check_ray_address`): before the database or any run folder is made."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor={executor!r} is not one of {', '.join(EXECUTORS)}")
+    if address is not None and executor != "ray":
+        raise ConfigError(f"--address {address!r} is for the Ray executor; add --executor ray")
+    if executor == "ray":
+        _check_ray_address(address)
 
 
 WORKER_RETRIES = 2  # times a run is started again after its worker died under it
@@ -193,7 +202,7 @@ def _run_local(
         pending: dict = {}
         while queue or pending:
             while queue and len(pending) < workers:
-                config = queue.pop()
+                config = _next_run(queue, runs_dir)
                 store.mark_running(config.run_id(), config.canonical(), sweep)
                 run_dir = str(runs_dir / config.run_id())
                 pending[pool.submit(_work, config.canonical(), run_dir, threads, checkpoint_every)] = config
@@ -215,6 +224,18 @@ def _run_local(
                 pool = _new_pool(workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _next_run(queue: list[RunConfig], runs_dir: Path) -> RunConfig:
+    """The next queued run (the queue's end) that no other process is computing now; if every
+    queued run is leased elsewhere (an overlapping sweep), the next one: its worker waits for
+    the lease and returns the record the other process wrote, computing nothing twice."""
+    from poslab.runner import is_leased
+
+    for i in range(len(queue) - 1, -1, -1):
+        if not is_leased(runs_dir / queue[i].run_id()):
+            return queue.pop(i)
+    return queue.pop()
 
 
 def _retry_or_fail(config: RunConfig, attempts: dict[str, int], queue: list, record_result) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -89,7 +89,7 @@ class ViTConfig(BaseModel):
     pe_params: dict[str, Any] = Field(default_factory=dict)
     patch: int = Field(4, gt=0)
     train_grid: int = Field(4, gt=0)
-    test_grids: list[int] = Field(default_factory=lambda: [4, 6, 8], min_length=1)
+    test_grids: list[PositiveInt] = Field(default_factory=lambda: [4, 6, 8], min_length=1)
     d_model: int = Field(64, gt=0)
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
@@ -207,7 +207,7 @@ def run_vit_study(path: str | Path, *, progress: bool = True) -> dict:
             try:
                 runs.append((label, seed, ViTConfig(**fields, seed=seed)))
             except ValidationError as err:
-                raise ValueError(format_validation_error(err, f"vit study {path}")) from None
+                raise ValueError(format_validation_error(err, f"vit study {path}", ViTConfig)) from None
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}

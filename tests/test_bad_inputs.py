@@ -44,6 +44,26 @@ RUN_CASES = [
     ({"attention": "kernelized_rpe", "attention_params": {"num_features": 0}}, r"num_features=0 must be an integer"),
     ({"scratchpad": "i1"}, r"scratchpad"),
     ({"task": "odds_first", "pe": "path"}, r"needs a bidirectional encoder but pe='path'"),
+    ({"threads": 0}, r"threads: Input should be greater than 0"),
+    ({"d_ff": 0}, r"d_ff: Input should be greater than 0"),
+    ({"grad_clip": 0}, r"grad_clip: Input should be greater than 0"),
+    ({"weight_decay": -0.1}, r"weight_decay: Input should be greater than or equal to 0"),
+    ({"steps": 0}, r"steps: Input should be greater than 0"),
+    ({"test_per_length": 0}, r"test_per_length: Input should be greater than 0"),
+    ({"eval_batch_size": 0}, r"eval_batch_size: Input should be greater than 0"),
+    ({"train_examples": 0}, r"train_examples: Input should be greater than 0"),
+    ({"data_seed": -1}, r"data_seed: Input should be greater than or equal to 0"),
+    ({"stepz": 3}, r"stepz: unknown field; valid fields: task, pe, .*steps"),
+    ({"task": "nosuch"}, r"unknown task 'nosuch'; valid tasks: "),
+    ({"pe": "nosuch"}, r"unknown encoding 'nosuch'; valid encodings: alibi"),
+    ({"positions": "nosuch"}, r"unknown id scheme 'nosuch'; valid schemes: "),
+    ({"attention": "nosuch"}, r"attention"),
+    ({"test_length": "9:3"}, r"test_length=9:3 is inverted; write LO:HI with LO <= HI"),
+    ({"pe_params": {"rope_scaling": "linear"}}, r"rope: rope_scaling must be a table \(dict\) or None, got 'linear'"),
+    ({"pe_params": {"partial_rotary_factor": "half"}}, r"partial_rotary_factor must be a finite number, got 'half'"),
+    ({"pe": "shaw", "pe_params": {"value_term": "yes"}}, r"shaw: value_term must be true or false, got 'yes'"),
+    ({"pe": "fire", "pe_params": {"width": 2.5}}, r"fire: width must be an integer, got 2.5"),
+    ({"num_layers": 0}, r"num_layers: Input should be greater than 0"),
 ]
 
 
@@ -109,6 +129,45 @@ def test_bad_lengths_and_bases_of_rope_frequencies(args, pattern):
         ("string_rope", {"head_dim": 8, "shift": 4, "local": 9}, r"local must be an integer in \[0, shift=4\]"),
         ("learned", {"d_model": 8, "max_len": 16, "beyond": "wrap"}, r"beyond='wrap' is not one of 'error', 'clamp'"),
         ("rope", {"head_dim": 8, "thetta": 3}, r"unknown parameter\(s\) thetta for encoding 'rope'; valid parameters"),
+        ("rope", {"head_dim": 7}, r"rope: head_dim must be even to rotate every channel, got 7"),
+        ("rope", {"head_dim": 8, "max_position_embeddings": 0}, r"rope: max_position_embeddings must be >= 1, got 0"),
+        ("kerple_log", {"num_heads": 0}, r"kerple_log: num_heads must be >= 1, got 0"),
+        ("kerple_power", {"num_heads": 4, "min_value": -1.0}, r"kerple_power: min_value must be >= 0, got -1.0"),
+        ("learned", {"d_model": 0, "max_len": 8}, r"learned: d_model must be >= 1, got 0"),
+        ("learned", {"d_model": 8, "max_len": 0}, r"learned: max_len must be >= 1, got 0"),
+        ("sinusoidal", {"d_model": 8, "base": 0.5}, r"sinusoidal: base must be a finite number > 1, got 0.5"),
+        ("scaled_sinusoidal", {"d_model": 8, "base": math.nan}, r"scaled_sinusoidal: base must be a finite number > 1"),
+        ("sinusoidal", {"d_model": 7}, r"sinusoidal: d_model must be even, got 7"),
+        ("alibi", {"num_heads": 0}, r"alibi: num_heads must be >= 1, got 0"),
+        ("t5", {"num_heads": 4, "num_buckets": 0}, r"t5: num_buckets must be >= 2"),
+        ("t5", {"num_heads": 4, "max_distance": 8}, r"t5: max_distance must exceed the exact region \(16\), got 8"),
+        ("fire", {"num_heads": 4, "width": 0}, r"fire: width must be >= 1, got 0"),
+        ("fire", {"num_heads": 4, "init_c": math.inf}, r"fire: init_c must be a finite number, got inf"),
+        ("cope", {"num_heads": 4, "head_dim": 8, "max_pos": 0}, r"cope: max_pos must be an integer >= 2, got 0"),
+        (
+            "shaw",
+            {"num_heads": 4, "head_dim": 8, "max_distance": "16"},
+            r"shaw: max_distance must be an integer, got '16'",
+        ),
+        ("path", {"d_model": 32, "num_heads": 4, "head_dim": 8, "rank": 0}, r"path: rank must be >= 1, got 0"),
+        ("path", {"d_model": 32, "num_heads": 4, "head_dim": 8, "chunk": 0}, r"path: chunk must be >= 1, got 0"),
+        (
+            "music_transformer",
+            {"num_heads": 4, "head_dim": 8, "max_len": 0},
+            r"music_transformer: max_len must be >= 1",
+        ),
+        ("ms_poe", {"head_dim": 8, "num_heads": 4, "min_ratio": 2, "max_ratio": 1}, r"need 0 < min_ratio <= max_ratio"),
+        ("streaming_llm", {"head_dim": 8, "window": 0}, r"streaming_llm: window must be >= 1, got 0"),
+        ("rope_2d", {"head_dim": 6}, r"rope_2d: head_dim must be a multiple of 4"),
+        ("xpos", {"head_dim": 8, "gamma": math.nan}, r"xpos: gamma must be a finite number, got nan"),
+        ("dynamic_bias", {"num_heads": 4, "depth": 0}, r"dynamic_bias: depth must be >= 1, got 0"),
+        ("fourier", {"d_model": 8, "fourier_dim": 0}, r"fourier: fourier_dim must be >= 1, got 0"),
+        ("sandwich", {"num_heads": 4, "dim": 0}, r"sandwich: dim must be >= 1, got 0"),
+        ("p_rope", {"head_dim": 8, "fraction": 2.0}, r"p-rope: fraction must be in \[0, 1\], got 2.0"),
+        ("string_rope", {"head_dim": 8, "shift": -1}, r"string_rope: shift must be >= 1, got -1"),
+        ("alibi", {"num_heads": 2.5}, r"alibi: num_heads must be an integer, got 2.5"),
+        ("bipe_alibi", {"d_model": 8, "num_heads": 4, "max_intra": 0}, r"bipe_alibi: max_intra must be >= 1, got 0"),
+        ("seqpe", {"d_model": 8, "num_heads": 4, "dims": 0}, r"seqpe: dims must be >= 1, got 0"),
     ],
 )
 def test_a_bad_encoding_parameter_names_it(name, params, pattern):
@@ -168,7 +227,43 @@ CLI_CASES = [
      "no model at '/nonexistent'"),
     (["lm", "longrope", "--model", "/nonexistent", "--target-length", "64"], "no model at '/nonexistent'"),
     (["lm", "study", "/nonexistent/l.toml"], "'/nonexistent/l.toml': no such file"),
+    (["run", "--threads", "0"], "threads: Input should be greater than 0"),
+    (["run", "--test-length", "9:3"], "test_length=9:3 is inverted"),
+    (["run", "--pe-param", "rope_scaling=linear"], "rope_scaling must be a table (dict) or None, got 'linear'"),
+    (["run", "--config", "in/bad.toml"], "'in/bad.toml' is not valid TOML: Expected ']'"),
+    (["run", "--config", "in/run_extra.toml"], "colour: unknown field; valid fields: task, pe,"),
+    (["sweep", "in/bad.toml"], "'in/bad.toml' is not valid TOML"),
+    (["sweep", "in/extra.toml"], "colour: unknown field; valid fields: task"),
+    (["sweep", "in/top.toml"], "task: unknown field; valid fields: name, base, grid"),
+    (["sweep", "in/empty_grid.toml"], "grid.pe is empty; give at least one value"),
+    (["sweep", "in/grid_not_list.toml"], "grid.pe: Input should be a valid list"),
+    (["sweep", "in/grid_bad_pe.toml"], "unknown encoding 'nosuch'"),
+    (["sweep", "in/ok.toml", "--executor", "ray", "--address", "nohost"], "--address 'nohost' is not 'auto', 'host:port'"),
+    (["sweep", "in/ok.toml", "--address", "127.0.0.1:1"], "--address '127.0.0.1:1' is for the Ray executor"),
+    (["sweep", "in/ok.toml", "--workers", "0"], "--workers: must be an integer >= 1, got '0'"),
+    (["report", "--db", "in/garbage.sqlite"], "--db 'in/garbage.sqlite' is not an SQLite results database"),
+    (["report", "--db", "in"], "--db 'in' is a folder"),
+    (["vit", "--test-grids", "4,0"], "--test-grids takes comma-separated integers >= 1; got '4,0'"),
+    (["vit", "--study", "in/bad.toml"], "'in/bad.toml' is not valid TOML"),
+    (["vit", "--pe-param", "base=0"], "rope_2d: base must be a finite number > 1, got 0"),
+    (["lm", "study", "in/extra.toml"], "base: unknown field; valid fields: name, out"),
+    (["lm", "eval", "--model", "/nonexistent", "--lengths", "1,128"], "--lengths takes comma-separated integers >= 2"),
+    (["lm", "pretrain", "--out", "x", "--steps", "0"], "steps: Input should be greater than 0"),
 ]  # fmt: skip
+
+# files the command-line cases read, written into in/ before each case (the check that
+# nothing is written compares the folder before and after)
+INPUTS = {
+    "bad.toml": '[base\ntask = "copy"\n',
+    "extra.toml": '[base]\ntask = "copy"\ncolour = "red"\n',
+    "top.toml": 'task = "copy"\n',
+    "run_extra.toml": 'task = "copy"\ncolour = "red"\n',
+    "empty_grid.toml": '[base]\ntask = "copy"\n[grid]\npe = []\n',
+    "grid_not_list.toml": '[base]\ntask = "copy"\n[grid]\npe = "rope"\n',
+    "grid_bad_pe.toml": '[base]\ntask = "copy"\n[grid]\npe = ["rope", "nosuch"]\n',
+    "ok.toml": '[base]\ntask = "copy"\n[grid]\npe = ["rope"]\n',
+    "garbage.sqlite": "not a database\n",
+}
 
 
 @pytest.mark.parametrize("argv,message", CLI_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
@@ -176,9 +271,17 @@ def test_a_bad_command_line_names_the_problem_without_a_traceback(argv, message,
     from poslab.cli import main
 
     monkeypatch.chdir(tmp_path)  # nothing may be written: checked below
+    (tmp_path / "in").mkdir()
+    for name, text in INPUTS.items():
+        (tmp_path / "in" / name).write_text(text)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     if argv[0] in ("run", "sweep"):
         argv = [*argv, "--db", str(tmp_path / "r.sqlite"), "--no-progress"]
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own refusals exit 2 after the usage line
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert not (tmp_path / "r.sqlite").exists() and not any(tmp_path.iterdir())
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before

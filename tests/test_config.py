@@ -21,7 +21,7 @@ def test_defaults_and_aliases_hash_the_same():
         ({"train_length": "1-20"}, r"LO:HI"),
         ({"pe_params": {"theta": 1}}, r"\['theta'\] are not parameters of 'rope'; valid: .*base"),
         ({"lr": -1}, r"lr: .*greater than 0"),
-        ({"stepz": 3}, r"stepz: Extra inputs"),
+        ({"stepz": 3}, r"stepz: unknown field; valid fields: task, .*steps"),
         ({"pe": "kerple_log", "pe_params": {"reparam": "exp"}}, r"pe_params .*reparam='exp' is not one of 'clamp'"),
         ({"pe": "p_rope", "pe_params": {"fraction": 1.5}}, r"pe_params .*fraction must be in \[0, 1\], got 1.5"),
         (

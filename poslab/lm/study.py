@@ -13,9 +13,18 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from poslab.lm.lab import PROTOCOLS, LMConfig, finetune, load_model, perplexity, pretrain, read_record
 from poslab.lm.methods import METHODS
@@ -66,19 +75,21 @@ class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     out: str = Field(description="study directory")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0], min_length=1)
     pretrain: dict[str, Any] = Field(default_factory=dict, description="LMConfig fields (seed comes from seeds)")
     methods: list[str] = Field(default_factory=lambda: ["none", "pi", "ntk", "yarn", "lm_infinite"])
-    lengths: list[int] = Field(default_factory=lambda: [128, 256, 512, 1024], min_length=1)
+    lengths: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [128, 256, 512, 1024], min_length=1)
     protocol: str = "nonoverlapping"
-    stride: int | None = None
-    span: int | None = None
+    stride: PositiveInt | None = None
+    span: PositiveInt | None = None
     finetune: list[FinetuneSpec] = Field(default_factory=list)
     encodings: list[EncodingSpec] = Field(
         default_factory=list, description="other encodings pretrained like the RoPE model and measured as they are"
     )
     passkey_lengths: list[int] = Field(default_factory=list)
-    passkey_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0]
+    )
     passkey_trials: int = Field(5, gt=0)
     effective_context_points: int = Field(
         16,
@@ -165,7 +176,7 @@ def load_study(path: str | Path) -> StudyConfig:
     try:
         return StudyConfig(**data)
     except ValidationError as err:
-        raise ValueError(format_validation_error(err, f"study {path}")) from None
+        raise ValueError(format_validation_error(err, f"study {path}", StudyConfig)) from None
 
 
 def _same_config(directory: Path, config: dict) -> bool:

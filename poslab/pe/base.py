@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import enum
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import AfterValidator
@@ -439,4 +440,61 @@ def build(name: str, **params) -> PositionalEncoding:
     missing = [k for k, p in valid.items() if p.default is inspect.Parameter.empty and k not in params]
     if missing:
         raise UnknownEncodingError(f"encoding {name!r} needs parameter(s): {', '.join(missing)}")
+    for key, value in params.items():
+        check_parameter(name, key, value, valid[key].annotation)
     return get(name)(**params)
+
+
+# Parameters that count something (channels, heads, layers, sizes): at least 1 wherever they
+# appear. Weights, standard deviations and offsets: at least 0. A ``base`` is a finite number
+# above 1. Each encoding still checks what is its own (a divisor, an order of two values).
+AT_LEAST_1 = frozenset(
+    "d_model num_heads head_dim num_layers width depth hidden fourier_dim max_len max_intra max_position "
+    "max_position_embeddings rank chunk query_block encoder_layers d_pe dim dims candidates pivots "
+    "distill_samples sample_range window shift".split()
+)
+AT_LEAST_0 = frozenset(
+    "init_std n_global skip_layers warmup_steps shift_starts shift_seed contrastive_weight distill_weight "
+    "min_value eps cap conv".split()
+)
+_KINDS = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": (
+        "a finite number",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    ),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "dict": ("a table (dict)", lambda v: isinstance(v, dict)),
+    "None": ("None", lambda v: v is None),
+}
+
+
+def check_parameter(encoding: str, key: str, value: Any, annotation: Any) -> None:
+    """Refuse ``value`` for parameter ``key`` of ``encoding`` unless it has the annotated kind
+    (``int``, ``float``, ``bool``, ``str``, ``dict``, ``list[...]``, or ``| None``) and the
+    range its name promises (:data:`AT_LEAST_1`, :data:`AT_LEAST_0`, ``base > 1``). The
+    message names the encoding, the parameter, the value and what is allowed."""
+    if key == "base" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (math.isfinite(value) and value > 1):
+            raise ValueError(f"{encoding}: base must be a finite number > 1, got {value!r}")
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    kinds = [k.strip() for k in text.split("|")]
+    described, ok = [], False
+    for kind in kinds:
+        if kind.startswith("list"):
+            described.append("a list")
+            ok = ok or isinstance(value, (list, tuple))
+        elif kind in _KINDS:
+            described.append(_KINDS[kind][0])
+            ok = ok or _KINDS[kind][1](value)
+        else:  # an annotation this check does not know: the encoding checks it itself
+            return
+    if not ok:
+        raise ValueError(f"{encoding}: {key} must be {' or '.join(described)}, got {value!r}")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if key in AT_LEAST_1 and value < 1:
+        raise ValueError(f"{encoding}: {key} must be >= 1, got {value!r}")
+    if key in AT_LEAST_0 and value < 0:
+        raise ValueError(f"{encoding}: {key} must be >= 0, got {value!r}")

@@ -68,6 +68,11 @@ class RoPE(PositionalEncoding):
         self.n_hat = n_hat
         if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1.0):
             raise ValueError(f"rope: base must be a finite number > 1, got {base!r}")
+        if head_dim % 2 and partial_rotary_factor == 1.0:
+            raise ValueError(
+                f"{self.name}: head_dim must be even to rotate every channel, got {head_dim}; "
+                f"give partial_rotary_factor < 1 to leave channels unrotated"
+            )
         self.head_dim, self.base, self.layout = head_dim, base, layout
         self.rot_dim = F.rotary_dim(head_dim, partial_rotary_factor)
         self.register_buffer("inv_freq", F.rope_inv_freq(self.rot_dim, base), persistent=False)
