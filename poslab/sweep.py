@@ -295,7 +295,9 @@ def _run_ray(
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=threads)(_work)
+        # a worker that dies (killed, out of memory) is a system failure: Ray starts the task
+        # again, and it resumes from the run's checkpoint, as the local pool does
+        remote = ray.remote(num_cpus=threads, max_retries=WORKER_RETRIES, retry_exceptions=False)(_work)
         refs = {
             remote.remote(c.canonical(), str(runs_dir.resolve() / c.run_id()), threads, checkpoint_every): c
             for c in todo

@@ -135,3 +135,51 @@ def test_an_unreachable_ray_address_fails_fast_with_a_clear_error(tmp_path, caps
     assert code == 2 and time.time() - t0 < 30
     assert "no Ray cluster answers at --address '127.0.0.1:1'" in capsys.readouterr().err
     assert not _rows(tmp_path / "r.sqlite", "running")  # refused before any run was marked
+
+
+def _ray_workers_running_a_run() -> list[int]:
+    """Ray worker processes executing a run now (Ray titles them ``ray::_work``)."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "cmdline").read_bytes().startswith(b"ray::_work") and _alive(int(proc.name)):
+                out.append(int(proc.name))
+        except OSError:
+            continue
+    return out
+
+
+def test_a_killed_ray_worker_is_retried_and_its_run_finishes(tmp_path):
+    pytest.importorskip("ray")
+    cmd, db = _sweep(tmp_path, steps=400, runs=2)
+    cmd = [*cmd, "--executor", "ray"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        workers = _wait_for(_ray_workers_running_a_run, 120, "a Ray worker running a run")
+        time.sleep(1.0)
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert len(_rows(db, "done")) == 2 and not _rows(db, "failed") and not _rows(db, "running")
+
+
+def test_ray_workers_die_with_the_sweep(tmp_path):
+    """The driver killed (SIGKILL): the local Ray instance it started, workers included, goes too."""
+    pytest.importorskip("ray")
+    cmd, db = _sweep(tmp_path, steps=4000, runs=2)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([*cmd, "--executor", "ray"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        workers = _wait_for(_ray_workers_running_a_run, 120, "a Ray worker running a run")
+    finally:
+        proc.kill()
+        proc.wait()
+    try:
+        _wait_for(lambda: not any(_alive(w) for w in workers), 30, "the Ray workers to exit")
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
