@@ -197,9 +197,9 @@ def _norm(config: TransformerConfig) -> nn.Module:
 class _Queries:
     """Per-forward facts about the queries that logit scales read."""
 
-    idx: Tensor  # (Tq,) sequence indices
-    visible: Tensor  # (Tq,) keys each query sees
-    total: int  # keys in this forward
+    position: Tensor  # (Tq,) or (B, Tq): tokens up to and including the query, padding not counted
+    visible: Tensor  # (Tq,) or (B, Tq): keys each query sees, padding not counted
+    total: int | Tensor  # keys in this forward (int), or real keys per row ((B,))
 
 
 @dataclasses.dataclass
@@ -212,6 +212,30 @@ class _Ids:
     idx_k: Tensor  # (Tk,)
     contiguous: bool  # pos_k = 0 .. Tk-1 in every row (Toeplitz fast paths)
     key_mask: Tensor | None = None  # (B, Tk) False on padding keys; None: no padding
+
+
+def _queries(ids, causal: bool, allowed: Tensor | None) -> _Queries:
+    """What the logit scales read of this forward's queries. Padding keys (``ids.key_mask``)
+    are not counted, so a padded row is scaled as it would be alone."""
+    tq, tk = ids.idx_q.shape[0], ids.idx_k.shape[0]
+    mask = ids.key_mask
+    if mask is None:
+        position = (ids.idx_q + 1).to(torch.float32)
+        if allowed is not None:
+            visible = allowed.sum(-1).to(torch.float32)
+        else:
+            visible = position if causal else torch.full((tq,), float(tk), device=ids.idx_q.device)
+        return _Queries(position, visible, tk)
+    # real keys at or before each query: a running count over the (sorted) key indices
+    at = torch.searchsorted(ids.idx_k.contiguous(), ids.idx_q.contiguous(), right=True) - 1  # (Tq,)
+    running = mask.to(torch.float32).cumsum(-1)  # (B, Tk)
+    position = torch.where(at >= 0, running[:, at.clamp(min=0)], torch.zeros((), device=mask.device))
+    total = mask.sum(-1).to(torch.float32)  # (B,)
+    if allowed is not None:
+        visible = (allowed[None] & mask[:, None, :]).sum(-1).to(torch.float32)
+    else:
+        visible = position if causal else total[:, None].expand(-1, tq)
+    return _Queries(position, visible, total)
 
 
 @dataclasses.dataclass
@@ -282,7 +306,7 @@ class SelfAttention(nn.Module):
         if rotary is not None and sites.rerotate:  # every key at this step's frequencies
             q, k = rotary.rotate_q(q), rotary.rotate_k(k)
         if self.logit_scale is not None and sites.queries is not None:
-            tau = self.logit_scale(sites.queries.idx, sites.queries.visible, sites.queries.total)
+            tau = self.logit_scale(sites.queries.position, sites.queries.visible, sites.queries.total)
             if tau is not None:
                 q = q * tau.to(q.dtype)
         if self.num_kv_heads != self.num_heads:
@@ -491,15 +515,13 @@ class Transformer(nn.Module):
             sites.bias = encoding.logits_bias(ids.pos_q, ids.pos_k, contiguous=ids.contiguous, causal=config.causal)
         if ids.key_mask is not None and not encoding.content_dependent and config.attention == "softmax":
             sites.bias = _with_policy(sites.bias, ids.key_mask[:, None, None, :])  # padding keys hidden
-        tq, tk = ids.idx_q.shape[0], ids.idx_k.shape[0]
+        allowed = None
         if config.window is not None:
             allowed = window_allowed(ids.idx_q, ids.idx_k, causal=config.causal, window=config.window,
                                      sinks=config.sinks)  # fmt: skip
             sites.bias = _with_policy(sites.bias, allowed)
-            sites.queries = _Queries(ids.idx_q, allowed.sum(-1).to(torch.float32), tk)
-        elif config.logit_scale != "none":
-            visible = (ids.idx_q + 1).to(torch.float32) if config.causal else torch.full((tq,), float(tk))
-            sites.queries = _Queries(ids.idx_q, visible, tk)
+        if config.logit_scale != "none":
+            sites.queries = _queries(ids, config.causal, allowed)
         return sites
 
     def _check_ids(self, position_ids: Tensor, b: int, t: int) -> Tensor:

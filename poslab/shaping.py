@@ -98,15 +98,26 @@ class LogitScale(nn.Module):
         else:
             self.register_parameter("weight", None)
 
-    def forward(self, idx_q: Tensor, visible: Tensor, total_keys: int) -> Tensor | None:
-        """``(H or 1, Tq, 1)`` multipliers for queries at sequence indices ``idx_q`` seeing
-        ``visible`` keys each; None when the scale is the identity."""
+    def forward(self, position: Tensor, visible: Tensor, total_keys: int | Tensor) -> Tensor | None:
+        """Multipliers of the queries' logits; None when the scale is the identity.
+
+        ``position``: tokens up to and including each query (its 1-based place in the
+        sequence); ``visible``: keys each query sees; both ``(Tq,)``, or ``(B, Tq)`` when rows
+        differ (padding: pad tokens are not counted). ``total_keys``: keys in the forward, an
+        int or ``(B,)``. Returns ``(H or 1, Tq, 1)``, or ``(B, H or 1, Tq, 1)`` for rows."""
         if self.kind == "none":
             return None
+        batched = visible.dim() == 2
+        tq = visible.shape[-1]
         if self.kind in ("logn", "logn_unclamped"):
-            return log_length_scale(self.kind, idx_q.to(torch.float32) + 1, self.train_length)[None, :, None]
-        if self.kind == "length":
-            return torch.full((1, idx_q.shape[0], 1), math.log(max(total_keys, 2)), device=idx_q.device)
-        if self.kind == "ssmax":
-            return self.weight[:, None, None] * torch.log(visible.clamp(min=1))[None, :, None]
-        return self.weight[:, None, None].expand(-1, idx_q.shape[0], 1)
+            out = log_length_scale(self.kind, position.to(torch.float32), self.train_length)[..., None, :, None]
+        elif self.kind == "length":
+            total = torch.as_tensor(total_keys, dtype=torch.float32, device=visible.device).clamp(min=2)
+            out = torch.log(total)[..., None, None, None].expand(*total.shape, 1, tq, 1)
+        elif self.kind == "ssmax":
+            out = self.weight[:, None, None] * torch.log(visible.to(torch.float32).clamp(min=1))[..., None, :, None]
+        else:
+            out = self.weight[:, None, None].expand(-1, tq, 1)
+        if batched and out.dim() == 3:
+            out = out.expand(visible.shape[0], *out.shape)
+        return out

@@ -39,10 +39,10 @@ def test_logit_scales_are_one_at_their_neutral_settings():
     assert log_length_scale("logn", torch.tensor([128.0]), 64).item() == pytest.approx(math.log(128) / math.log(64))
     assert log_length_scale("logn_unclamped", torch.tensor([1.0, 64.0]), 64).tolist() == pytest.approx([1.0, 1.0])
     idx = torch.arange(5)
-    assert LogitScale("none", 4)(idx, idx + 1.0, 5) is None
-    ssmax = LogitScale("ssmax", 4, train_length=16)(idx, torch.full((5,), 16.0), 16)
+    assert LogitScale("none", 4)(idx + 1.0, idx + 1.0, 5) is None
+    ssmax = LogitScale("ssmax", 4, train_length=16)(idx + 1.0, torch.full((5,), 16.0), 16)
     assert torch.allclose(ssmax, torch.ones(4, 5, 1))
-    assert torch.equal(LogitScale("temperature", 4)(idx, idx + 1.0, 5), torch.ones(4, 5, 1))
+    assert torch.equal(LogitScale("temperature", 4)(idx + 1.0, idx + 1.0, 5), torch.ones(4, 5, 1))
     with pytest.raises(ValueError, match="logit_scale='cosine' is not one of"):
         LogitScale("cosine", 4)
 
@@ -121,3 +121,34 @@ def test_shaping_config_errors():
         Transformer(vocab_size=5, logit_scale="logn", logit_scale_params={"L": 3})
     with pytest.raises(ValidationError, match="window"):
         Transformer(vocab_size=5, window=0)
+
+
+@pytest.mark.parametrize("kind", ["logn", "logn_unclamped", "length", "ssmax", "temperature"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_logit_scales_do_not_count_padding(kind, window):
+    """A padded row is scaled as it would be alone: right padding in an encoder, left padding
+    (with its ids restarted at 0) in a decoder."""
+    params = {"train_length": 4} if kind.startswith("logn") else {}
+    if kind == "ssmax":
+        params = {"train_length": 4, "init": 0.9}
+    for causal in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(vocab_size=30, d_model=32, num_heads=4, num_layers=2, pe="alibi", causal=causal,
+                            logit_scale=kind, logit_scale_params=params, window=window).eval()  # fmt: skip
+        if kind in ("ssmax", "temperature"):
+            with torch.no_grad():
+                for block in model.blocks:
+                    block.attn.logit_scale.weight.uniform_(0.5, 2.0)  # heads differ
+        x = torch.randint(0, 30, (2, 9))
+        if causal:
+            mask = torch.tensor([[True] * 9, [False] * 4 + [True] * 5])
+            ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            real = slice(4, 9)
+        else:
+            mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
+            ids = torch.arange(9)[None].expand(2, -1)
+            real = slice(0, 5)
+        with torch.no_grad():
+            batch = model(x, position_ids=ids, attention_mask=mask)
+            alone = model(x[1:, real])
+        torch.testing.assert_close(batch[1:, real], alone, atol=1e-5, rtol=1e-5, msg=f"{kind} causal={causal}")
