@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -37,7 +40,16 @@ from torch.nn import functional as F
 
 from poslab.pe.base import AttentionBias
 
-__all__ = ["attention", "BACKENDS", "causal_mask", "flex_bias_attention"]
+__all__ = [
+    "attention",
+    "BACKENDS",
+    "causal_mask",
+    "flex_bias_attention",
+    "recording_weights",
+    "recording",
+    "record_weights",
+    "softmax_attention",
+]
 
 BACKENDS = ("auto", "sdpa", "flex", "explicit")
 
@@ -56,6 +68,67 @@ def causal_mask(tq: int, tk: int, device: torch.device) -> Tensor:
     i = torch.arange(tq, device=device)[:, None]
     j = torch.arange(tk, device=device)[None, :]
     return j <= i + (tk - tq)
+
+
+# ----------------------------------------------------------------------------- capture
+# The attention probabilities of a forward, for poslab.analysis. Off (None) unless a
+# ``recording_weights()`` block is active: the only cost when off is one ContextVar read
+# per attention call.
+_RECORDER: ContextVar[list[Tensor] | None] = ContextVar("poslab_attention_weights", default=None)
+
+
+@contextmanager
+def recording_weights() -> Iterator[list[Tensor]]:
+    """Within the block, every attention call appends its probabilities ``(B, H, Tq, Tk)``
+    (float32 or float64, detached, exactly 0 on masked keys) to the yielded list, one per
+    layer, in the order the layers run. Each attention path computes them with its explicit
+    reference formula while recording, so the outputs are those of the reference path
+    (equal to the fast paths to float tolerance, tested)."""
+    token = _RECORDER.set([])
+    try:
+        yield _RECORDER.get()
+    finally:
+        _RECORDER.reset(token)
+
+
+def recording() -> bool:
+    """Whether a :func:`recording_weights` block is active."""
+    return _RECORDER.get() is not None
+
+
+def current_recording() -> list[Tensor] | None:
+    """The list the active :func:`recording_weights` block fills, or None."""
+    return _RECORDER.get()
+
+
+def record_weights(probs: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Give one layer's probabilities to the active recording (if any) and return them.
+    ``keep`` (broadcastable bool, False on masked keys) zeroes masked entries, so a row whose
+    every key is masked (a padding query) records zeros, not a uniform row."""
+    records = _RECORDER.get()
+    if records is not None:
+        out = probs.detach()
+        if keep is not None:
+            out = out.masked_fill(~keep, 0.0)
+        records.append(torch.nan_to_num(out, nan=0.0))
+    return probs
+
+
+def softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """``softmax(scale q k^T)`` over the keys ``keep`` allows (bool, broadcastable to
+    ``(B, H, Tq, Tk)``; None: all), times ``v``: SDPA, or the explicit formula (recorded)
+    inside :func:`recording_weights`."""
+    if not recording():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    work = torch.promote_types(q.dtype, torch.float32)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = torch.einsum("bhid,bhjd->bhij", q.to(work), k.to(work)) * scale
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    probs = record_weights(torch.nan_to_num(logits.softmax(-1), nan=0.0), keep)
+    return torch.einsum("bhij,bhjd->bhid", probs, v.to(work)).to(q.dtype)
 
 
 def attention(
@@ -89,7 +162,7 @@ def attention(
     if tq > tk:
         raise ValueError(f"attention: {tq} queries but only {tk} keys; queries must be the last keys")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if backend == "explicit":
+    if backend == "explicit" or recording():
         return _explicit(q, k, v, causal=causal, bias=bias, scale=scale)
     if bias is not None and backend == "flex":
         return flex_bias_attention(q, k, v, bias, causal=causal, scale=scale)
@@ -275,6 +348,8 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, bias: AttentionB
     if causal:
         logits = logits.masked_fill(~causal_mask(tq, tk, q.device), torch.finfo(work).min)
     probs = logits.softmax(dim=-1)
+    if recording():  # masked: -inf or the finfo.min of a mask policy
+        record_weights(probs, logits > torch.finfo(work).min / 2)
     return torch.einsum("bhij,bhjd->bhid", probs, v.to(work)).to(q.dtype)
 
 

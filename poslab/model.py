@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from poslab import pe as pe_lib
-from poslab.attention import BACKENDS, attention
+from poslab.attention import BACKENDS, attention, current_recording
 from poslab.cache import KVCache
 from poslab.kernels import kernelized as kernel_lib
 from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Rotary, Site
@@ -305,6 +305,8 @@ class SelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, H_kv, Tk, D)
         if rotary is not None and sites.rerotate:  # every key at this step's frequencies
             q, k = rotary.rotate_q(q), rotary.rotate_k(k)
+        records = current_recording()
+        recorded = len(records) if records is not None else 0
         if self.logit_scale is not None and sites.queries is not None:
             tau = self.logit_scale(sites.queries.position, sites.queries.visible, sites.queries.total)
             if tau is not None:
@@ -320,6 +322,11 @@ class SelfAttention(nn.Module):
             y = self.kernel(q, k, v, ids.pos_q, ids.pos_k, ids.contiguous, key_mask=ids.key_mask)
         else:
             y = attention(q, k, v, causal=self.config.causal, bias=bias, backend=self.config.attention_backend)
+        if records is not None and len(records) != recorded + 1:
+            raise RuntimeError(
+                f"layer {layer}: encoding {encoding.name!r} recorded {len(records) - recorded} attention weight "
+                "tensors, not 1 (its attention path does not report its probabilities)"
+            )
         return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d_model)
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from poslab.attention import record_weights, recording
 from poslab.kernels.fft_rpe import _materialized, _weights, kernelized_rpe_attention
 
 __all__ = [
@@ -238,7 +239,7 @@ class KernelizedRPEAttention(nn.Module):
             kf = kf * key_mask[:, None, :, None].to(kf.dtype)  # (B, 1, Tk, 1)
         tq, tk = q.shape[-2], k.shape[-2]
         dtype = q.dtype
-        if contiguous and tq == tk:
+        if contiguous and tq == tk and not recording():  # recording: the general path, weights explicit
             n = tq
             b = self.bias_table(torch.arange(-(n - 1), n, device=q.device)).to(dtype)
             if self.method == "fft" or (self.method == "auto" and n >= _FFT_FROM):
@@ -253,4 +254,6 @@ class KernelizedRPEAttention(nn.Module):
             bias = bias.masked_fill(torch.arange(tk, device=q.device)[None, :] > i, float("-inf"))
         weights = torch.exp(bias - bias.amax((-1, -2), keepdim=True).detach())
         a = a * weights
+        if recording():  # the normalized kernel weights: the distribution each query's output averages
+            return record_weights(a / a.sum(-1, keepdim=True)) @ v
         return (a @ v) / a.sum(-1, keepdim=True)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from poslab.attention import causal_mask
+from poslab.attention import causal_mask, record_weights, recording
 from poslab.pe.base import AttentionContext, PositionalEncoding, Site, check_int, register
 from poslab.pe.functional import work_dtype
 
@@ -100,7 +100,7 @@ class CoPE(PositionalEncoding):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         work = work_dtype(q)
         emb = self.pos_emb[ctx.layer if self.layer_sets > 1 else 0].to(work)
-        if self.implementation == "blocked":
+        if self.implementation == "blocked" and not recording():
             out = _CoPEAttention.apply(q.to(work), k.to(work), v.to(work), emb, 1.0 / math.sqrt(q.shape[-1]),
                                        self.max_pos)  # fmt: skip
             return out.to(q.dtype)
@@ -110,7 +110,7 @@ class CoPE(PositionalEncoding):
         logits = logits.masked_fill(~causal_mask(tq, tk, q.device), float("-inf"))
         pos = self.positions(logits)
         logits = logits + self.interpolated_bias(qw, pos, ctx.layer if self.layer_sets > 1 else 0)
-        probs = logits.softmax(-1)
+        probs = record_weights(logits.softmax(-1))
         return torch.matmul(probs, v.to(work)).to(q.dtype)
 
     def extra_repr(self) -> str:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from poslab.attention import record_weights, recording
 from poslab.kernels.path_chunk import path_attention_chunked, path_logits_reference
 from poslab.pe.base import AttentionContext, PositionalEncoding, Site, check_int, register
 from poslab.pe.functional import work_dtype
@@ -137,11 +138,11 @@ class PaTH(PositionalEncoding):
             else:
                 all_cum = cum
             forget = (cum, all_cum)  # the logit gains sum_{s=j+1..i} ln f_s = F_i - F_j
-        if self.implementation == "reference" and keys is None:
+        if (self.implementation == "reference" or recording()) and keys is None:
             logits = path_logits_reference(qw, kw, w, beta) * scale
             if forget is not None:
                 logits = logits + forget[0][..., :, None] - forget[1][..., None, :]
-            out, carried = logits.softmax(-1) @ v.to(work), None  # the future is -inf already
+            out, carried = record_weights(logits.softmax(-1)) @ v.to(work), None  # the future is -inf already
         else:
             out, carried = path_attention_chunked(qw, kw, v.to(work), w, beta, scale, keys, self.chunk, forget)
         if state is not None:

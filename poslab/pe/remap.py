@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from poslab.attention import causal_mask
+from poslab.attention import causal_mask, record_weights, recording, softmax_attention
 from poslab.pe import functional as F
 from poslab.pe.base import AttentionContext, check_int, register
 from poslab.pe.rotary import RoPE
@@ -62,8 +62,9 @@ class _TwoBranchRoPE(RoPE):
         logits = logits.masked_fill(~keep, float("-inf"))
         if getattr(self, "zero_sink", False):  # softmax + 1: an extra key with logit 0 and a zero value
             logits = torch.cat((logits, torch.zeros_like(logits[..., :1])), dim=-1)
-            return (logits.softmax(-1)[..., :-1] @ v.to(work)).to(q.dtype)
-        return (logits.softmax(-1) @ v.to(work)).to(q.dtype)
+            probs = record_weights(logits.softmax(-1)[..., :-1], keep)  # rows sum to less than 1
+            return (probs @ v.to(work)).to(q.dtype)
+        return (record_weights(logits.softmax(-1), keep) @ v.to(work)).to(q.dtype)
 
     def effective_distance(self, pos_q: Tensor, pos_k: Tensor) -> Tensor:
         """The relative distance each pair's logit sees, ``(B|1, Tq, Tk)`` (dense reference)."""
@@ -442,13 +443,9 @@ class MsPoE(RoPE):
         length = int(ctx.pos_k.max()) + 1 if ctx.pos_k.numel() else None
         qr, kr = self._rotate(q, ctx.pos_q, ratios, length), self._rotate(k, ctx.pos_k, ratios, length)
         tq, tk = q.shape[-2], k.shape[-2]
+        keep = causal_mask(tq, tk, q.device) if ctx.causal else None
         if ctx.key_mask is not None:  # padding keys: one boolean mask with the direction's
-            keep = ctx.key_mask[:, None, None, :]
-            if ctx.causal:
-                keep = keep & causal_mask(tq, tk, q.device)
-            return torch.nn.functional.scaled_dot_product_attention(qr, kr, v, attn_mask=keep)
-        if not ctx.causal:
-            return torch.nn.functional.scaled_dot_product_attention(qr, kr, v)
-        if tq == tk:
+            keep = ctx.key_mask[:, None, None, :] if keep is None else ctx.key_mask[:, None, None, :] & keep
+        elif ctx.causal and tq == tk and not recording():
             return torch.nn.functional.scaled_dot_product_attention(qr, kr, v, is_causal=True)
-        return torch.nn.functional.scaled_dot_product_attention(qr, kr, v, attn_mask=causal_mask(tq, tk, q.device))
+        return softmax_attention(qr, kr, v, keep)

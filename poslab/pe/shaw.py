@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from poslab.attention import attention
+from poslab.attention import attention, record_weights, recording
 from poslab.pe.base import AttentionBias, AttentionContext, PositionalEncoding, Site, check_int, register
 from poslab.pe.functional import work_dtype
 
@@ -150,6 +150,8 @@ class ShawRelative(PositionalEncoding):
         needs_grad = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in self.parameters())
         )
+        if recording():  # the explicit formula, whole, so its probabilities are recorded once
+            return self._attend(q, k, v, dataclasses.replace(ctx, backend="explicit"), first=tk - tq)
         if needs_grad or tq <= self.query_block:
             return self._attend(q, k, v, ctx, first=tk - tq)
         # inference: query blocks, so the relative logits never exist for all T x T at once
@@ -190,7 +192,7 @@ class ShawRelative(PositionalEncoding):
             logits = logits.masked_fill(~visible, float("-inf"))
         if padding is not None:
             logits = logits.masked_fill(padding, float("-inf"))
-        probs = logits.softmax(-1)
+        probs = record_weights(logits.softmax(-1))
         out = torch.matmul(probs, v.to(work))
         if self.value_table is not None:
             r = self.buckets(ctx.pos_q, ctx.pos_k)[:, None].expand(b, h, tq, tk)
