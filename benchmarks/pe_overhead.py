@@ -12,6 +12,11 @@ Usage::
     python benchmarks/pe_overhead.py --lengths 1024 --rounds 3 --pe rope alibi t5
     python benchmarks/pe_overhead.py --lengths 1024 --pe path path_fox   # PaTH with forget gates
     python benchmarks/pe_overhead.py --device cuda --lengths 1024 4096 --batch 8   # on a GPU
+    python benchmarks/pe_overhead.py --pe nope --lengths 256 --capture-pe rope alibi shaw cope
+
+Each length also times the step of ``--capture-pe`` encodings with and without the checks
+that ``poslab.analysis.attention_weights`` adds (``capture_off_cost``: the ratio shows that
+capturing costs nothing when it is off).
 
 Prints one JSON object.
 """
@@ -149,6 +154,63 @@ def _guarded(step, errors: dict, key):
     return run
 
 
+# every module that asks whether attention weights are being recorded (poslab.analysis)
+_RECORDING_CHECKS = (
+    ("poslab.attention", "recording"),
+    ("poslab.pe.shaw", "recording"),
+    ("poslab.pe.cope", "recording"),
+    ("poslab.pe.path", "recording"),
+    ("poslab.pe.remap", "recording"),
+    ("poslab.kernels.kernelized", "recording"),
+    ("poslab.model", "current_recording"),
+)
+
+
+def _without_recording_checks(step):
+    """``step`` with every "is a capture active?" check replaced by a constant: the code as
+    it would be without the opt-in capture of poslab.analysis."""
+    import importlib
+
+    modules = [(importlib.import_module(m), name) for m, name in _RECORDING_CHECKS]
+
+    def run() -> float:
+        saved = [getattr(mod, name) for mod, name in modules]
+        for mod, name in modules:
+            setattr(mod, name, (lambda: None) if name == "current_recording" else (lambda: False))
+        try:
+            return step()
+        finally:
+            for (mod, name), value in zip(modules, saved):
+                setattr(mod, name, value)
+
+    return run
+
+
+def capture_cost(args, device: torch.device, length: int) -> dict:
+    """Training-step time with the capture checks in place over the same step without them
+    (round-robin, median): what poslab.analysis costs when it is not used."""
+    out = {}
+    for name in args.capture_pe:
+        torch.manual_seed(0)
+        model = poslab_model(name, length, args)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        real = make_step(model, length, args.batch, device)
+        torch.manual_seed(0)
+        twin = poslab_model(name, length, args)
+        twin.load_state_dict(state)
+        bare = _without_recording_checks(make_step(twin, length, args.batch, device))
+        times = {"with": [], "without": []}
+        for step in (real, bare):
+            for _ in range(args.warmup):
+                step()
+        for _ in range(args.rounds):
+            times["with"].append(real())
+            times["without"].append(bare())
+        w, wo = statistics.median(times["with"]), statistics.median(times["without"])
+        out[name] = {"step_s": round(w, 5), "step_s_without_checks": round(wo, 5), "ratio": round(w / wo, 3)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
@@ -164,6 +226,12 @@ def main() -> None:
     ap.add_argument("--no-xt", action="store_true", help="skip x-transformers")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (targets: TARGETS or CUDA_TARGETS)")
+    ap.add_argument(
+        "--capture-pe",
+        nargs="*",
+        default=["rope", "alibi", "shaw", "cope"],
+        help="encodings whose step is also timed without poslab.analysis's capture checks (none: skip)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -249,6 +317,8 @@ def main() -> None:
                 entry["x_transformers_ratio_to_own_nope"] = round(xt / med[("x_transformers", "nope")], 3)
                 entry["poslab_over_x_transformers"] = round(med[("poslab", name)] / xt, 3)
             row[name] = entry
+        if args.capture_pe:
+            row["capture_off_cost"] = capture_cost(args, device, length)
         results["lengths"][str(length)] = row
         print(f"# T={length} done", flush=True, file=__import__("sys").stderr)
     print(json.dumps(results, indent=2))

@@ -174,7 +174,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from poslab.report import aggregate, markdown_table, write_report
+    from poslab.report import aggregate, markdown_table, ranking_table, write_report
     from poslab.store import ResultStore
 
     if not Path(args.db).exists():
@@ -185,8 +185,55 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not records:
         raise SystemExit(f"no finished runs in {args.db}" + (f" for sweep {args.sweep!r}" if args.sweep else ""))
     paths = write_report(records, args.out, title=args.title)
-    print(markdown_table(aggregate(records)))
+    rows = aggregate(records)
+    print(markdown_table(rows))
+    ranking = ranking_table(rows)
+    if ranking is not None:
+        print("\nranking across tasks (mean reciprocal rank, out-of-distribution exact match):\n" + ranking)
     print(f"\nwrote {paths['markdown']}, {paths['html']} and {len(paths) - 2} plot(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from poslab.analysis.study import analysis_markdown, analyze_runs, check_run_dir, write_analysis
+    from poslab.config import ConfigError
+
+    try:
+        lengths = _ints(args.lengths, "--lengths") if args.lengths else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if args.examples < 2:
+        raise ConfigError(
+            f"--examples must be >= 2 (the probe needs examples to fit and to score), got {args.examples}"
+        )
+    dirs = []
+    for name in args.runs:
+        path = Path(name)
+        dirs.append(path if (path / "config.json").exists() else Path(args.runs_dir) / name)
+    if args.sweep:
+        from poslab.store import ResultStore
+
+        if not Path(args.db).exists():
+            raise ConfigError(f"no results database at {args.db}; run `poslab sweep` first")
+        records = ResultStore(args.db).records(sweep=args.sweep)
+        if not records:
+            raise ConfigError(f"no finished runs of sweep {args.sweep!r} in {args.db}")
+        dirs += [Path(args.runs_dir) / r["run_id"] for r in records if "run_id" in r]
+    if not dirs:
+        raise ConfigError("give run ids, run folders or --sweep NAME")
+    for path in dirs:  # every run checked before anything is written
+        try:
+            check_run_dir(path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    _writable_dir(args.out, "--out")
+    try:
+        results = analyze_runs(dirs, lengths=lengths, examples=args.examples, progress=not args.no_progress)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    paths = write_analysis(results, args.out, title=args.title)
+    print(analysis_markdown(results))
+    print(f"\nwrote {paths['markdown']}, {paths['html']} and {paths['json']}", file=sys.stderr)
     return 0
 
 
@@ -457,6 +504,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/report")
     p.add_argument("--title", default="poslab report")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "analyze",
+        help="why runs generalize: attention maps, attended distances, position probes, divergences",
+    )
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run ids (folders under --runs-dir) or run folders")
+    p.add_argument("--sweep", help="every finished run of this sweep")
+    p.add_argument("--lengths", help="comma-separated lengths (default: each run's longest training length and 2x)")
+    p.add_argument("--examples", type=_positive, default=32, help="held-out examples per length (32)")
+    p.add_argument("--out", default="runs/analysis", help="where analysis.md, .html, .json and the plots go")
+    p.add_argument("--title", default="poslab analysis")
+    storage(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("lm", help="the language-modelling lab: pretrain, fine-tune, perplexity by length")
     lm_sub = p.add_subparsers(dest="lm_command", required=True)

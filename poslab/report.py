@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["aggregate", "markdown_table", "plot_task", "write_report"]
+__all__ = ["aggregate", "markdown_table", "ranking_table", "plot_task", "write_report"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -172,6 +172,32 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def ranking_table(rows: list[dict[str, Any]]) -> str | None:
+    """The cross-task ranking of Kazemnejad et al. 2023: each encoding's mean reciprocal
+    rank over the tasks by out-of-distribution exact match (mean over seeds), with its rank on
+    each task; None unless there are at least two tasks and two encodings."""
+    from poslab.analysis.ranking import mean_reciprocal_rank
+
+    tasks = sorted({r["task"] for r in rows})
+    labels = sorted({r["label"] for r in rows})
+    if len(tasks) < 2 or len(labels) < 2:
+        return None
+    scores = {t: {r["label"]: r["ood_em"][0] for r in rows if r["task"] == t} for t in tasks}
+    mrr = mean_reciprocal_rank(scores)
+    lines = ["| encoding | MRR | " + " | ".join(_md_cell(t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+    for label, value in mrr.items():
+        cells = []
+        for t in tasks:
+            score = scores[t].get(label)
+            if score is None or score != score:
+                cells.append("-")
+                continue
+            ordered = sorted((v for v in scores[t].values() if v == v), reverse=True)
+            cells.append(f"{1 + ordered.index(score)} ({score:.2f})")
+        lines.append(f"| {_md_cell(label)} | {value:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _save_figure(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -263,6 +289,17 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
         table,
         "",
     ]
+    ranking = ranking_table(rows)
+    if ranking is not None:
+        md += [
+            "## Ranking across tasks",
+            "",
+            "Mean reciprocal rank of each encoding by out-of-distribution exact match (Kazemnejad et al. "
+            "2023); each task's cell is the rank (and the EM). Ties share the better rank.",
+            "",
+            ranking,
+            "",
+        ]
     md += [f"![{t}]({p.name})" for t, p in pngs.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     html_rows = "".join(
@@ -270,6 +307,20 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
         for line in table.splitlines()[2:]
     )
     header = "".join(f"<th>{html.escape(c)}</th>" for c in _md_cells(table.splitlines()[0]))
+    ranking_html = ""
+    if ranking is not None:
+        rank_lines = ranking.splitlines()
+        ranking_html = (
+            "<h2>Ranking across tasks</h2><p>Mean reciprocal rank by out-of-distribution exact match; "
+            "each cell is the task's rank (and the EM).</p><table><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in _md_cells(rank_lines[0]))
+            + "</tr>"
+            + "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _md_cells(line)) + "</tr>"
+                for line in rank_lines[2:]
+            )
+            + "</table>"
+        )
     imgs = "".join(
         f'<h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}">'
@@ -280,7 +331,7 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, title: str 
         "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}img{max-width:100%}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>Exact match, mean ± std over seeds.</p>"
-        f"<table><tr>{header}</tr>{html_rows}</table>{imgs}</body></html>"
+        f"<table><tr>{header}</tr>{html_rows}</table>{ranking_html}{imgs}</body></html>"
     )
     (out / "report.html").write_text(page)
     return {"markdown": out / "report.md", "html": out / "report.html", **{f"png:{t}": p for t, p in pngs.items()}}

@@ -86,3 +86,26 @@ def test_encoder_tasks_plot_token_accuracy():
     assert rows[0]["curve_metric"] == "token_accuracy" and rows[0]["curve"][3] == [0.25]
     rows = aggregate([_record(0, 0.0)])
     assert rows[0]["curve_metric"] == "exact_match" and rows[0]["curve"][3] == [0.5]
+
+
+def test_the_ranking_across_tasks_is_the_mean_reciprocal_rank(tmp_path):
+    from poslab.report import ranking_table
+
+    records = [
+        _record(0, 0.9, pe="nope"),
+        _record(0, 0.2, pe="alibi"),
+        _record(0, 0.1, task="reverse", pe="nope"),
+        _record(0, 0.6, task="reverse", pe="alibi"),
+        _record(0, 0.5, task="sort", pe="nope"),
+        _record(0, 0.5, task="sort", pe="alibi"),  # a tie: both rank 1
+    ]
+    rows = aggregate(records)
+    table = ranking_table(rows)
+    lines = table.splitlines()
+    assert lines[0] == "| encoding | MRR | copy_rsc | reverse | sort |"
+    assert lines[2] == "| alibi | 0.833 | 2 (0.20) | 1 (0.60) | 1 (0.50) |"
+    assert lines[3] == "| nope | 0.833 | 1 (0.90) | 2 (0.10) | 1 (0.50) |"
+    assert ranking_table(aggregate(records[:2])) is None  # one task: nothing to rank across
+    paths = write_report(records, tmp_path / "r")
+    assert "## Ranking across tasks" in paths["markdown"].read_text()
+    assert "Ranking across tasks" in paths["html"].read_text()

@@ -98,33 +98,56 @@ def attention_divergence(a: Sequence[Tensor], b: Sequence[Tensor], heads: str = 
 
 
 def position_probe(
-    states: Sequence[Tensor], positions: Tensor | None = None, ridge: float = 1e-3, train_fraction: float = 0.5
+    states: Sequence[Tensor],
+    positions: Tensor | None = None,
+    ridge: float = 1e-2,
+    train_fraction: float = 0.5,
+    split: str = "tokens",
+    seed: int = 0,
 ) -> Tensor:
     """``(L,)``: how much of the position index a linear read-out recovers from each layer's
     hidden states (Haviv et al. 2022, arXiv 2203.16634): ridge regression from a token's
-    state to its position, fit on the first ``train_fraction`` of the examples and scored
-    by R^2 on the rest (1: positions recovered exactly; 0 or below: nothing).
+    state to its position, fit on ``train_fraction`` of the data and scored by R^2 on the
+    rest (1: positions recovered exactly; 0 or below: nothing).
 
+    ``split``: ``"tokens"`` (default) holds out a random (seeded) share of all tokens, so the
+    probe has seen every example's content and is scored on positions it did not fit;
+    ``"examples"`` holds out whole examples (harder: on tasks whose examples differ wholly in
+    content, a probe fitted on some examples may not transfer to others).
     ``states``: ``(B, T, d)`` per layer (:func:`~poslab.analysis.hidden_states`);
     ``positions``: ``(B, T)`` targets (default ``0 .. T-1`` in every row).
     """
+    if split not in ("tokens", "examples"):
+        raise ValueError(f"split={split!r} is not 'tokens' or 'examples'")
     out = []
     for x in states:
         b, t, d = x.shape
-        split = int(round(b * train_fraction))
-        if not 0 < split < b:
-            raise ValueError(f"position_probe: {b} examples cannot be split {train_fraction} / {1 - train_fraction}")
         y = torch.arange(t, dtype=torch.float64) if positions is None else positions.to(torch.float64)
-        y = y.expand(b, t) if y.dim() == 1 else y
-        xs = x.to(torch.float64)
-        mu, sd = xs[:split].mean((0, 1)), xs[:split].std((0, 1)).clamp(min=1e-8)
-        xs = (xs - mu) / sd
-        feats = torch.cat((xs, torch.ones(b, t, 1, dtype=torch.float64)), -1)
-        a, target = feats[:split].reshape(-1, d + 1), y[:split].reshape(-1)
+        y = y.expand(b, t).reshape(-1)
+        xs = x.to(torch.float64).reshape(-1, d)
+        n = xs.shape[0]
+        if split == "examples":
+            rows = int(round(b * train_fraction))
+            if not 0 < rows < b:
+                raise ValueError(
+                    f"position_probe: {b} examples cannot be split {train_fraction} / {1 - train_fraction}"
+                )
+            fit = torch.zeros(b, t, dtype=torch.bool)
+            fit[:rows] = True
+            fit = fit.reshape(-1)
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            fit = torch.zeros(n, dtype=torch.bool)
+            fit[order[: int(round(n * train_fraction))]] = True
+            if fit.all() or not fit.any():
+                raise ValueError(f"position_probe: {n} tokens cannot be split {train_fraction} / {1 - train_fraction}")
+        mu, sd = xs[fit].mean(0), xs[fit].std(0)
+        sd = sd.clamp(min=max(float(sd.mean()) * 1e-2, 1e-8))  # a feature constant in the fit set stays small
+        feats = torch.cat(((xs - mu) / sd, torch.ones(n, 1, dtype=torch.float64)), -1)
+        a, target = feats[fit], y[fit]
         gram = a.T @ a + ridge * a.shape[0] * torch.eye(d + 1, dtype=torch.float64)
         coef = torch.linalg.solve(gram, a.T @ target)
-        pred = feats[split:].reshape(-1, d + 1) @ coef
-        held = y[split:].reshape(-1)
+        pred, held = feats[~fit] @ coef, y[~fit]
         ss_res = ((held - pred) ** 2).sum()
         ss_tot = ((held - held.mean()) ** 2).sum().clamp(min=1e-12)
         out.append(1.0 - ss_res / ss_tot)
