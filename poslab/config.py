@@ -83,6 +83,10 @@ class RunConfig(BaseModel):
     )
     test_per_length: int = Field(50, gt=0, description="test examples per evaluated length")
     eval_batch_size: int = Field(256, gt=0)
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="the model's normalization layers")
+    init: Literal["gpt2", "t5"] = Field(
+        "gpt2", description="gpt2; or t5: T5's initialization with unscaled q.k logits (poslab.model.TransformerConfig)"
+    )
     threads: int | None = Field(
         None,
         gt=0,
@@ -205,6 +209,8 @@ class RunConfig(BaseModel):
         "logit_scale": "none",
         "logit_scale_params": {},
         "threads": None,
+        "norm": "layernorm",
+        "init": "gpt2",
     }
 
     def canonical(self) -> dict[str, Any]:

@@ -42,6 +42,12 @@ class TransformerConfig(BaseModel):
     pe_params: dict[str, Any] = Field(default_factory=dict, description="encoding parameters")
     max_seq_len: int = Field(2048, gt=0, description="table size for encodings that have one")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    init: Literal["gpt2", "t5"] = Field(
+        "gpt2",
+        description="gpt2: N(0, 0.02^2), residual outputs / sqrt(2 L), logits q.k / sqrt(d_head). t5: T5's "
+        "Mesh-TensorFlow initialization with unscaled q.k logits (T5 folds 1/sqrt(d_head) into q's init), as "
+        "the decoder-only T5 of Kazemnejad et al. 2023 uses for every encoding",
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tie_embeddings: bool = True
     attention_backend: str = Field("auto", description="one of " + ", ".join(BACKENDS))
@@ -311,6 +317,8 @@ class SelfAttention(nn.Module):
             tau = self.logit_scale(sites.queries.position, sites.queries.visible, sites.queries.total)
             if tau is not None:
                 q = q * tau.to(q.dtype)
+        if self.config.init == "t5":  # unscaled logits: every attention path divides by sqrt(d_head)
+            q = q * math.sqrt(self.head_dim)
         if self.num_kv_heads != self.num_heads:
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -376,14 +384,31 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialization: N(0, 0.02^2), residual projections scaled by 1/sqrt(2 L)."""
+        """``init="gpt2"``: N(0, 0.02^2), residual projections scaled by 1/sqrt(2 L).
+        ``init="t5"``: T5's (``transformers``' ``T5PreTrainedModel._init_weights`` with factor
+        1): tokens N(0, 1); queries N(0, (d d_head)^-1/2), keys and values N(0, d^-1/2), the
+        attention output N(0, (H d_head)^-1/2); the MLP's input N(0, d^-1/2) and output
+        N(0, d_ff^-1/2); an untied head N(0, 1)."""
+        c = self.config
+        d_head, d_ff = c.d_model // c.num_heads, c.d_ff or 4 * c.d_model
         for name, p in self.named_parameters():
             if name.startswith("pe.") or ".kernel." in name or ".logit_scale." in name:
                 continue
-            if p.dim() >= 2:
+            if p.dim() < 2:
+                continue
+            if c.init == "gpt2":
                 std = 0.02
                 if name.endswith("attn.out.weight") or name.endswith("mlp.2.weight"):
-                    std /= math.sqrt(2 * self.config.num_layers)
+                    std /= math.sqrt(2 * c.num_layers)
+                nn.init.normal_(p, std=std)
+            elif name.endswith("attn.qkv.weight"):
+                h = c.num_heads
+                with torch.no_grad():
+                    nn.init.normal_(p[: h * d_head], std=(c.d_model * d_head) ** -0.5)
+                    nn.init.normal_(p[h * d_head :], std=c.d_model**-0.5)
+            else:
+                std = {"attn.out.weight": (c.num_heads * d_head) ** -0.5, "mlp.0.weight": c.d_model**-0.5,
+                       "mlp.2.weight": d_ff**-0.5}.get(".".join(name.split(".")[-3:]), 1.0)  # fmt: skip
                 nn.init.normal_(p, std=std)
         self.pe.reset_parameters()
         for block in self.blocks:
@@ -430,7 +455,10 @@ class Transformer(nn.Module):
         sites = self._sites(ids, x.dtype, cache)  # sites 3 and 4: queries/keys, logits
         for block in self.blocks:
             x = block(x, sites, cache, self.pe)
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        if self.config.init == "t5" and self.config.tie_embeddings:
+            x = x * self.config.d_model**-0.5  # T5 rescales before a head tied to N(0, 1) embeddings
+        return self.head(x)
 
     def _check_inputs(
         self, input_ids: Tensor | None, inputs_embeds: Tensor | None, cache: KVCache | None

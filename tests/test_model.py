@@ -383,3 +383,63 @@ def test_a_decoder_with_left_padding_and_a_cache_matches_each_row_alone():
         rest = model(x[:, 6:], position_ids=ids[:, 6:], cache=cache)
         alone = model(x[1:, 3:])
     torch.testing.assert_close(torch.cat((first, rest), 1)[1:, 3:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_t5_init_matches_transformers_and_leaves_logits_unscaled():
+    """``init="t5"``: each weight's spread is what ``transformers`` gives the same role in a
+    T5 model of the same sizes, and attention reads q.k without 1/sqrt(d_head)."""
+    transformers = pytest.importorskip("transformers")
+    d, h, dk, ff = 256, 4, 64, 1024
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=512, d_model=d, num_heads=h, num_layers=1, d_ff=ff, pe="t5", init="t5",
+                        tie_embeddings=False)  # fmt: skip
+    hf = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            vocab_size=512,
+            d_model=d,
+            d_kv=dk,
+            num_heads=h,
+            d_ff=ff,
+            num_layers=1,
+            num_decoder_layers=1,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+    )
+    attn = hf.decoder.block[0].layer[0].SelfAttention
+    qkv = model.blocks[0].attn.qkv.weight
+    pairs = {
+        "tokens": (model.tok_emb.weight, hf.shared.weight),
+        "q": (qkv[: h * dk], attn.q.weight),
+        "k": (qkv[h * dk : 2 * h * dk], attn.k.weight),
+        "v": (qkv[2 * h * dk :], attn.v.weight),
+        "out": (model.blocks[0].attn.out.weight, attn.o.weight),
+        "mlp in": (model.blocks[0].mlp[0].weight, hf.decoder.block[0].layer[2].DenseReluDense.wi.weight),
+        "mlp out": (model.blocks[0].mlp[2].weight, hf.decoder.block[0].layer[2].DenseReluDense.wo.weight),
+        "head": (model.head.weight, hf.lm_head.weight),
+        "bias table": (model.pe.table.weight, attn.relative_attention_bias.weight),
+    }
+    for role, (ours, theirs) in pairs.items():
+        assert ours.std().item() == pytest.approx(theirs.std().item(), rel=0.25), role
+    from poslab.analysis import attention_weights
+
+    x = torch.randint(0, 512, (1, 6))
+    grabbed = []
+    hook = model.blocks[0].attn.qkv.register_forward_hook(lambda _m, _a, out: grabbed.append(out))
+    w = attention_weights(model.eval(), x)[0]
+    hook.remove()
+    q, k, _ = grabbed[0].view(1, 6, 3 * h, dk).transpose(1, 2).split((h, h, h), dim=1)
+    bias = model.pe.logits_bias(torch.arange(6)[None], torch.arange(6)[None], contiguous=True, causal=True).dense
+    want = (q @ k.transpose(-1, -2) + bias).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), -1e30)
+    torch.testing.assert_close(w, want.softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_t5_init_keeps_the_kv_cache_exact():
+    model = Transformer(vocab_size=50, d_model=32, num_layers=2, num_heads=4, pe="t5", init="t5",
+                        norm="rmsnorm").eval()  # fmt: skip
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache()
+        first = [model(x[:, :5], cache=cache)]
+        steps = torch.cat(first + [model(x[:, t : t + 1], cache=cache) for t in range(5, 12)], 1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
