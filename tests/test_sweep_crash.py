@@ -137,13 +137,23 @@ def test_an_unreachable_ray_address_fails_fast_with_a_clear_error(tmp_path, caps
     assert not _rows(tmp_path / "r.sqlite", "running")  # refused before any run was marked
 
 
-def _ray_workers_running_a_run() -> list[int]:
-    """Ray worker processes executing a run now (Ray titles them ``ray::_work``)."""
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _ray_workers_running_a_run(driver: int) -> list[int]:
+    """Ray worker processes of the sweep ``driver`` (the local Ray instance it started)
+    executing a run now (Ray titles them ``ray::_work``); another test's Ray is not counted."""
     out = []
-    for proc in Path("/proc").glob("[0-9]*"):
+    for pid in _descendants(driver):
         try:
-            if (proc / "cmdline").read_bytes().startswith(b"ray::_work") and _alive(int(proc.name)):
-                out.append(int(proc.name))
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_work") and _alive(pid):
+                out.append(pid)
         except OSError:
             continue
     return out
@@ -156,7 +166,7 @@ def test_a_killed_ray_worker_is_retried_and_its_run_finishes(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        workers = _wait_for(_ray_workers_running_a_run, 120, "a Ray worker running a run")
+        workers = _wait_for(lambda: _ray_workers_running_a_run(proc.pid), 240, "a Ray worker running a run")
         time.sleep(1.0)
         os.kill(workers[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=240)
@@ -173,7 +183,7 @@ def test_ray_workers_die_with_the_sweep(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen([*cmd, "--executor", "ray"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        workers = _wait_for(_ray_workers_running_a_run, 120, "a Ray worker running a run")
+        workers = _wait_for(lambda: _ray_workers_running_a_run(proc.pid), 240, "a Ray worker running a run")
     finally:
         proc.kill()
         proc.wait()
