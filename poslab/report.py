@@ -46,6 +46,9 @@ def setting_label(cfg: dict[str, Any]) -> str:
     if cfg.get("attention", "softmax") != "softmax":
         params = ", ".join(f"{k}={v}" for k, v in sorted(cfg.get("attention_params", {}).items()))
         label += f" + {cfg['attention']}" + (f"({params})" if params else "")
+    model = [f"{k}={cfg[k]}" for k, plain in (("init", "gpt2"), ("norm", "layernorm")) if cfg.get(k, plain) != plain]
+    if model:
+        label += " [" + ", ".join(model) + "]"
     return label
 
 
@@ -131,8 +134,11 @@ def _tell_apart(rows: list[dict[str, Any]]) -> None:
             continue
         keys = sorted({k for row in same for k in row["setting"]})
         differ = [k for k in keys if len({repr(row["setting"].get(k)) for row in same}) > 1]
+        from poslab.config import RunConfig
+
+        defaults = {k: f.default for k, f in RunConfig.model_fields.items()}  # stored configs omit some defaults
         for row in same:
-            row["label"] += " (" + ", ".join(f"{k}={row['setting'].get(k)}" for k in differ) + ")"
+            row["label"] += " (" + ", ".join(f"{k}={row['setting'].get(k, defaults.get(k))}" for k in differ) + ")"
 
 
 def _fmt(ms: tuple[float, float]) -> str:

@@ -109,3 +109,10 @@ def test_the_ranking_across_tasks_is_the_mean_reciprocal_rank(tmp_path):
     paths = write_report(records, tmp_path / "r")
     assert "## Ranking across tasks" in paths["markdown"].read_text()
     assert "Ranking across tasks" in paths["html"].read_text()
+
+
+def test_labels_name_a_non_default_model_and_defaults_by_value():
+    t5 = aggregate([_record(0, 0.5, pe="t5", init="t5", norm="rmsnorm")])[0]
+    assert t5["label"] == "t5 [init=t5, norm=rmsnorm]"
+    rows = aggregate([_record(0, 0.5, steps=5), _record(0, 0.5, steps=5, threads=1)])
+    assert sorted(r["label"] for r in rows) == ["learned (threads=1)", "learned (threads=None)"]
