@@ -204,13 +204,19 @@ def ranking_table(rows: list[dict[str, Any]]) -> str | None:
     return "\n".join(lines)
 
 
-def _save_figure(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
+    plt = pyplot()
 
+    return plt
+
+
+def _save_figure(fig, path: str | Path, dpi: float | None = None) -> Path:
+    plt = pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -218,10 +224,7 @@ def _save_figure(fig, path: str | Path) -> Path:
 def plot_task(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path:
     """Exact match (token accuracy for encoder tasks) against length for one task, one line per
     encoding setting; writes a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in rows if r["task"] == task]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
@@ -249,10 +252,7 @@ def plot_training(rows: list[dict[str, Any]], task: str, path: str | Path) -> Pa
     rows = [r for r in rows if r["task"] == task and r["loss_curves"]]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for r in rows:

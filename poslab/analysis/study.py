@@ -35,6 +35,7 @@ from poslab.analysis.weights import attention_weights, hidden_states
 from poslab.config import RunConfig
 from poslab.data import IGNORE
 from poslab.pe.rotary import RoPE
+from poslab.report import _md_cell, _save_figure, pyplot
 
 __all__ = ["LoadedRun", "check_run_dir", "load_run", "analyze_runs", "write_analysis"]
 
@@ -187,11 +188,9 @@ def _divergences(runs: list[LoadedRun], captured: list[dict]) -> list[dict[str, 
 def _figure_maps(run: dict[str, Any], maps: dict, path: Path) -> Path | None:
     """Attention maps of the first example, one panel per layer (heads averaged), at each
     analyzed length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import PowerNorm
+
+    plt = pyplot()
 
     if not maps:
         return None
@@ -208,18 +207,12 @@ def _figure_maps(run: dict[str, Any], maps: dict, path: Path) -> Path | None:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"{run['label']} ({run['task']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, dpi=90)
 
 
 def _figure_distances(results: dict[str, Any], path: Path) -> Path | None:
     """Attention mass by distance bin, last layer, heads averaged: one line per run, at each run's longest analyzed length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     drawn = False
@@ -236,18 +229,12 @@ def _figure_distances(results: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlabel("distance |i - j| (tokens)")
     ax.set_ylabel("share of attention (last layer)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, dpi=90)
 
 
 def _figure_divergence(results: dict[str, Any], path: Path) -> Path | None:
     """The divergence matrix between runs at the longest length where pairs exist."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pairs = results["divergence"]
     if not pairs:
@@ -273,14 +260,7 @@ def _figure_divergence(results: dict[str, Any], path: Path) -> Path | None:
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="k")
     ax.set_title(f"attention divergence (JSD, nats) at length {ell}", fontsize=8)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def _md(text: Any) -> str:
-    return html.escape(str(text), quote=False).replace("|", "\\|")
+    return _save_figure(fig, path, dpi=90)
 
 
 def analysis_markdown(results: dict[str, Any]) -> str:
@@ -298,14 +278,16 @@ def analysis_markdown(results: dict[str, Any]) -> str:
             first = (
                 f"median {sorted(errs)[len(errs) // 2]} of {e['answer_tokens']} ({len(errs)} failed)" if errs else "-"
             )
-            lines.append(f"| {_md(run['label'])} | {_md(run['task'])} | {ell} | {e['exact_match']:.2f} | {dist} | "
+            lines.append(f"| {_md_cell(run['label'])} | {_md_cell(run['task'])} | {ell} | {e['exact_match']:.2f} | {dist} | "
                          f"{probe} | {first} |")  # fmt: skip
     if results["divergence"]:
         labels = {r["run_id"]: r["label"] for r in results["runs"]}
         lines += ["", "| length | run A | run B | JSD per layer | mean |", "|---|---|---|---|---|"]
         for p in results["divergence"]:
             per = ", ".join(f"{v:.3f}" for v in p["per_layer"])
-            lines.append(f"| {p['length']} | {_md(labels[p['a']])} | {_md(labels[p['b']])} | {per} | {p['mean']:.3f} |")
+            lines.append(
+                f"| {p['length']} | {_md_cell(labels[p['a']])} | {_md_cell(labels[p['b']])} | {per} | {p['mean']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -333,7 +315,7 @@ def write_analysis(results: dict[str, Any], out_dir: str | Path, title: str = "p
         figures.append((path, "Jensen-Shannon divergence between runs' attention on the same inputs (0: the same "
                               "patterns; ln 2 = 0.69: disjoint), mean over layers, heads matched."))  # fmt: skip
     table = analysis_markdown(results)
-    md = [f"# {_md(title)}", "", table, ""]
+    md = [f"# {_md_cell(title)}", "", table, ""]
     md += [f"![{p.stem}]({p.name})\n\n{caption}\n" for p, caption in figures]
     (out / "analysis.md").write_text("\n".join(md) + "\n")
     imgs = "".join(
