@@ -206,7 +206,10 @@ def ranking_table(rows: list[dict[str, Any]]) -> str | None:
 
 def pyplot():
     """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
-    plt = pyplot()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     return plt
 
